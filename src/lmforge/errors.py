@@ -20,3 +20,7 @@ class DataError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """A checkpoint that is missing, corrupted or does not fit the model."""
+
+
+class UsageError(LmforgeError):
+    """A command line that does not parse or misses an argument."""

@@ -1,0 +1,106 @@
+"""What every verb shares: config flags generated from the typed config, the workspace, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+from importlib import resources
+from typing import Any, Callable, Iterator
+
+import yaml
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from lmforge.config import SECTIONS, RunConfig, config_from_dict, field_type, iter_fields, load_config
+from lmforge.errors import ConfigError
+from lmforge.workspace import Workspace
+
+# Results go to stdout (pipe-able); progress, status and errors to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+TYPE_NAMES = {int: "INT", float: "NUM", str: "TEXT", bool: "BOOL"}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """`--config FILE` plus one `--section.field` flag per config field, documented by the field's doc string."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (sections: " + ", ".join(sections) + ")")
+    groups = {s: parser.add_argument_group(f"{s} settings (YAML section '{s}:')") for s in sections}
+    for section, f in iter_fields():
+        if section not in sections and not (section == "" and "run" in sections):
+            continue
+        typ = field_type(SECTIONS[section] if section else RunConfig, f.name)
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else TYPE_NAMES[typ]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        target = groups.get(section, parser)
+        target.add_argument(f"--{section}.{f.name}" if section else f"--{f.name}", dest=f"cfg:{section}.{f.name}"
+                            if section else f"cfg:{f.name}", metavar=metavar, default=argparse.SUPPRESS,
+                            help=f"{f.metadata['doc']} (default: {default!r})".replace("%", "%%"))
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[len("cfg:"):]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The run config: defaults (or `base`, e.g. a saved run's config) < --config YAML < --section.field flags."""
+    overrides = config_overrides(args)
+    if base is None:
+        return load_config(getattr(args, "config", None), overrides)
+    if getattr(args, "config", None):
+        raise ConfigError("--config cannot be combined with --resume; the run's saved config is used "
+                          "(override single settings with --section.field flags)")
+    merged = base.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (merged[section] if section else merged)[name] = value
+    return config_from_dict(merged)
+
+
+def packaged_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load(resources.files("lmforge").joinpath("configs", name).read_text())
+
+
+def workspace_of(args: argparse.Namespace) -> Workspace:
+    return Workspace.resolve(getattr(args, "workspace", None))
+
+
+def progress_columns(unit: str = "") -> list:
+    return [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None, unit: str = "") -> Iterator[Callable[[int, int | None], None]]:
+    """A rich progress bar on stderr, as the `progress(advance, total)` callback the library functions take."""
+    with Progress(*progress_columns(unit), console=err, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int, new_total: int | None = None) -> None:
+            if new_total is not None:
+                bar.update(task, total=new_total)
+            bar.advance(task, n)
+
+        yield advance
+
+
+def human(n: float | None, unit: str = "", digits: int = 3) -> str:
+    """1234567 -> '1.23M'; None -> '-'."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}g}{suffix}{unit}"
+    return f"{n:.{digits}g}{unit}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"

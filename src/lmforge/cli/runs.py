@@ -1,0 +1,120 @@
+"""`lmforge runs`: list the ledger's runs, or show one in detail."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from lmforge.cli.common import duration, human, out, workspace_of
+from lmforge.errors import UsageError
+from lmforge.meter.ledger import Ledger
+
+HELP = "list runs from the ledger, or show one: runs show RUN"
+DESCRIPTION = """\
+List every run recorded in the workspace ledger (a run killed without a chance to say so is shown as
+'crashed'), or show one run's config, hardware, compute summary and metrics.
+
+examples:
+  lmforge runs
+  lmforge runs show stdlib-d4-20261126-101500
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list", help="list (default) or show")
+    p.add_argument("run_ref", nargs="?", metavar="RUN", help="run name or id (for show)")
+    p.add_argument("--limit", type=int, default=50, help="list at most this many runs, newest first (default 50)")
+
+
+def when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def energy_text(summary: dict[str, Any]) -> str:
+    if summary.get("energy_j") is None:
+        return "-"
+    kwh = summary["energy_j"] / 3.6e6
+    return f"{kwh * 1000:.3g} Wh" + ("" if summary.get("energy_measured") else " (est.)")
+
+
+def print_summary(name: str, s: dict[str, Any]) -> None:
+    """The compute summary of a finished run: what it did, what it cost."""
+    table = Table(title=f"compute summary: {name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    mfu = f"{s['mfu'] * 100:.1f}% of {human(s['peak_flops'])}FLOP/s" if s.get("mfu") is not None else "-"
+    rows = [
+        ("parameters", f"{human(s['params'])} ({human(s['non_embedding_params'])} non-embedding)"),
+        ("steps / tokens", f"{s['steps']:,} / {s['tokens']:,}"),
+        ("FLOPs", human(s["flops"])),
+        ("throughput", f"{human(s['tok_per_s'])} tokens/s, MFU {mfu}"),
+        ("time", f"{duration(s['wall_seconds'])} wall, {duration(s['train_seconds'])} in training steps"),
+        ("validation", f"loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits/byte" if s.get("val_bpb") else "-"),
+        ("energy", f"{s['kwh'] * 1000:.3g} Wh; {s['energy_label']}"),
+        ("cost", f"${s['cost_usd']:.4f} at ${s['price_per_hour']}/device-hour"),
+        ("CO2", f"{s['co2_kg'] * 1000:.3g} g at {s['carbon_g_per_kwh']:g} g/kWh"
+                + ("" if s.get("energy_measured") else " (from estimated energy)")),
+        ("checkpoint", s["checkpoint"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+def list_runs(ledger: Ledger, limit: int) -> None:
+    runs = ledger.list_runs(limit=limit)
+    if not runs:
+        out.print("no runs yet; `lmforge demo` or `lmforge train` records one")
+        return
+    table = Table(title=f"runs in {ledger.path}", title_justify="left")
+    for col in ("id", "name", "kind", "status", "started", "steps", "tokens", "val bpb", "time", "energy", "cost",
+                "CO2"):
+        table.add_column(col, justify="right" if col in ("id", "steps", "tokens", "val bpb") else "left")
+    for r in runs:
+        s = r.get("summary") or {}
+        table.add_row(str(r["id"]), r["name"], r["kind"], r["status"], when(r["created_at"]),
+                      f"{s['steps']:,}" if "steps" in s else "-", human(s.get("tokens")),
+                      f"{s['val_bpb']:.4f}" if s.get("val_bpb") else "-", duration(s.get("wall_seconds")),
+                      energy_text(s), f"${s['cost_usd']:.4f}" if "cost_usd" in s else "-",
+                      f"{s['co2_kg'] * 1000:.3g} g" if "co2_kg" in s else "-")
+    out.print(table)
+
+
+def show_run(ledger: Ledger, ref: str) -> None:
+    r = ledger.get_run(ref)
+    out.print(f"[bold]run {r['id']}: {r['name']}[/]  ({r['kind']}, {r['status']})")
+    out.print(f"folder: {r['run_dir']}")
+    out.print(f"started {when(r['created_at'])}, last heartbeat {when(r['updated_at'])}, ended {when(r['ended_at'])}")
+    if r.get("error"):
+        out.print(f"[red]error:[/] {r['error']}")
+    if r.get("summary"):
+        print_summary(r["name"], r["summary"])
+    hw = r.get("hardware") or {}
+    out.print("hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()))
+    metrics = ledger.get_metrics(r["id"])
+    evals = [(step, value) for step, name, value in metrics if name == "val_bpb"]
+    losses = [(step, value) for step, name, value in metrics if name == "loss"]
+    if losses:
+        out.print(f"train loss: step {losses[0][0]} {losses[0][1]:.4f} -> step {losses[-1][0]} {losses[-1][1]:.4f} "
+                  f"({len(losses)} steps recorded)")
+    if evals:
+        out.print("val bpb: " + ", ".join(f"{step}: {value:.4f}" for step, value in evals))
+    for a in ledger.get_artifacts(r["id"])[-5:]:
+        out.print(f"artifact: {a['kind']} {a['path']}")
+    if r.get("config"):
+        out.print("config:\n" + yaml.safe_dump(r["config"], sort_keys=False))
+
+
+def run(args: argparse.Namespace) -> int:
+    ledger = Ledger(workspace_of(args).ledger_path)
+    if args.action == "show":
+        if not args.run_ref:
+            raise UsageError("`lmforge runs show` needs a run name or id; `lmforge runs` lists them")
+        show_run(ledger, args.run_ref)
+    else:
+        list_runs(ledger, args.limit)
+    return 0

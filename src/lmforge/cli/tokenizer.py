@@ -1,0 +1,80 @@
+"""`lmforge tokenizer train`: a byte-level BPE tokenizer for a corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Iterator
+
+from lmforge.cli.common import add_config_arguments, config_from_args, err, out, progress_bar, workspace_of
+from lmforge.config import RunConfig
+from lmforge.data.corpus import iter_corpus_texts, load_corpus
+from lmforge.data.tokenizer import Tokenizer, train_tokenizer
+from lmforge.workspace import Workspace
+
+HELP = "train a byte-level BPE tokenizer on a corpus"
+DESCRIPTION = """\
+Train a byte-level BPE tokenizer (Hugging Face `tokenizers`) on the training split of a built corpus and save
+it as <workspace>/tokenizers/<corpus>-bpe<vocab>/tokenizer.json. Any text round-trips exactly. Special tokens
+for document boundaries and chat roles are reserved (ids 0-5). Skipped when an up-to-date tokenizer exists
+(same corpus content and settings) unless --force.
+
+examples:
+  lmforge tokenizer train
+  lmforge tokenizer train --data.name notes --tokenizer.vocab_size 8192
+"""
+
+TRAINED_ON = "trained_on.json"  # what the tokenizer was trained from, to tell whether it is up to date
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("train",), help="train a tokenizer")
+    p.add_argument("--force", action="store_true", help="retrain even if an up-to-date tokenizer exists")
+    add_config_arguments(p, ("data", "tokenizer"))
+
+
+def take_bytes(texts: Iterator[str], budget: int) -> Iterator[str]:
+    """The texts until about `budget` UTF-8 bytes have been yielded (all of them when budget is 0)."""
+    if budget == 0:
+        yield from texts
+        return
+    used = 0
+    for text in texts:
+        yield text
+        used += len(text.encode("utf-8"))
+        if used >= budget:
+            return
+
+
+def train(cfg: RunConfig, workspace: Workspace, *, force: bool = False) -> Tokenizer:
+    corpus_dir = workspace.corpus_dir(cfg.data.corpus_name())
+    stats = load_corpus(corpus_dir)
+    out_dir = workspace.tokenizer_dir(cfg.tokenizer_name())
+    recipe = {"source_hash": stats.source_hash, "vocab_size": cfg.tokenizer.vocab_size,
+              "min_frequency": cfg.tokenizer.min_frequency, "train_bytes": cfg.tokenizer.train_bytes}
+    if not force and (out_dir / TRAINED_ON).is_file() and json.loads((out_dir / TRAINED_ON).read_text()) == recipe:
+        err.print(f"tokenizer {cfg.tokenizer_name()} is up to date (use --force to retrain)")
+        return Tokenizer.load(out_dir)
+    n_docs = stats.train_docs
+    if cfg.tokenizer.train_bytes and stats.train_bytes > cfg.tokenizer.train_bytes:  # about this many documents
+        n_docs = max(1, int(stats.train_docs * cfg.tokenizer.train_bytes / stats.train_bytes))
+    texts = take_bytes(iter_corpus_texts(corpus_dir, "train"), cfg.tokenizer.train_bytes)
+    with progress_bar(f"tokenizer {cfg.tokenizer_name()}", total=n_docs, unit="documents") as progress:
+        tokenizer = train_tokenizer(texts, cfg.tokenizer.vocab_size, out_dir,
+                                    min_frequency=cfg.tokenizer.min_frequency, total=n_docs, progress=progress)
+    (out_dir / TRAINED_ON).write_text(json.dumps(recipe))
+    return tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    workspace = workspace_of(args)
+    cfg = config_from_args(args)
+    tokenizer = train(cfg, workspace, force=args.force)
+    sample = "def hello(name):\n    return f'hi {name}'"
+    ids = tokenizer.encode(sample)
+    out.print(f"tokenizer {tokenizer.path} | vocab {tokenizer.vocab_size:,} | sha256 {tokenizer.hash[:12]}")
+    out.print(f"example: {len(sample)} characters -> {len(ids)} tokens: "
+              + " ".join(repr(tokenizer.decode([i])) for i in ids[:12]) + (" ..." if len(ids) > 12 else ""))
+    err.print(f"next: lmforge prepare --data.name {cfg.data.corpus_name()} "
+              f"--tokenizer.vocab_size {cfg.tokenizer.vocab_size}")
+    return 0

@@ -1,0 +1,95 @@
+"""`lmforge train`: train (or resume) a model on prepared shards."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lmforge.cli.common import add_config_arguments, config_from_args, err, human, workspace_of
+from lmforge.config import config_from_dict
+from lmforge.errors import CheckpointError
+from lmforge.model.sizing import describe
+from lmforge.train.loop import TrainResult, train
+
+HELP = "train a model on prepared shards (or --resume a run)"
+DESCRIPTION = """\
+Train a model on the shards `lmforge prepare` wrote for this config's corpus and tokenizer.
+Stops at the first of --train.max_steps / max_tokens / max_flops / max_time. Every run writes
+<workspace>/runs/<name>/ (config.yaml, checkpoints/) and a row in the ledger (`lmforge runs`).
+
+examples:
+  lmforge train --config my.yaml
+  lmforge train --model.depth 6 --train.max_time 600 --name d6-10min
+  lmforge train --resume d6-10min --train.max_steps 4000     # continue, with a later stop limit
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="RUN", help="continue the run RUN from its latest checkpoint, with its saved "
+                   "config (flags still override single settings)")
+    add_config_arguments(p, ("run", "data", "tokenizer", "model", "train", "meter"))
+
+
+class ProgressReporter:
+    """Draws the training progress bar (loss, tok/s, MFU, ETA) and prints evaluations and checkpoints."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=err)
+        self.task = None
+
+    def __enter__(self) -> ProgressReporter:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def started(self, info: dict[str, Any]) -> None:
+        resumed = f", resumed at step {info['resumed_at']}" if info["resumed_at"] is not None else ""
+        err.print(f"run [bold]{info['run']}[/] in {info['run_dir']}{resumed}")
+        err.print(f"model: {describe(info['shape'])}; {human(info['flops_per_token'])}FLOPs/token")
+        err.print(f"device: {info['device']} ({info['dtype']}, compile {'on' if info['compile'] else 'off'}), "
+                  f"peak {human(info['peak_flops'])}FLOP/s; energy: {info['energy_label']}")
+        err.print(f"data: {human(info['train_tokens'])} training tokens, {human(info['tokens_per_step'])} per step")
+        self.task = self.bar.add_task("train", total=1000, status="starting")
+
+    def stepped(self, s: dict[str, Any]) -> None:
+        mfu = f" | MFU {s['mfu'] * 100:.1f}%" if s["mfu"] is not None else ""
+        self.bar.update(self.task, completed=min(1000, int(s["progress"] * 1000)),
+                        status=f"step {s['step']} | loss {s['loss']:.4f} | {human(s['tok_per_s'])} tok/s{mfu}")
+
+    def evaluated(self, s: dict[str, Any]) -> None:
+        self.bar.console.print(f"step {s['step']:>6}: val loss {s['val_loss']:.4f} | val bpb {s['val_bpb']:.4f}")
+
+    def checkpointed(self, path: Path) -> None:
+        self.bar.console.print(f"step {int(path.name.split('_')[1]):>6}: checkpoint {path}")
+
+
+def run_training(args: argparse.Namespace) -> TrainResult:
+    workspace = workspace_of(args)
+    if args.resume:
+        if getattr(args, "cfg:name", None):
+            raise CheckpointError("--name cannot be combined with --resume (the run keeps its name)")
+        saved = workspace.run_dir(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"no run named '{args.resume}' to resume in {workspace.runs_dir}; "
+                                  f"`lmforge runs` lists runs")
+        cfg = config_from_args(args, base=config_from_dict(yaml.safe_load(saved.read_text())))
+    else:
+        cfg = config_from_args(args)
+    with ProgressReporter() as reporter:
+        return train(cfg, workspace, resume=bool(args.resume), reporter=reporter)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.cli.runs import print_summary
+
+    result = run_training(args)
+    print_summary(result.run_name, result.summary)
+    return 0

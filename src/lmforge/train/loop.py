@@ -1,0 +1,319 @@
+"""The training loop: data → model → optimizers, with evaluation, checkpoints, metering and the ledger.
+
+One call, `train(cfg, workspace)`, runs or resumes a run to its stop limit. The order of events per step:
+
+    1. learning rate for this step (warm-up / stable / decay on the run's progress)
+    2. grad_accum micro-batches: forward under autocast, backward
+    3. clip, optimizer steps, zero grads
+    4. counters (tokens, FLOPs, time, energy), metrics to the ledger every log_every steps
+    5. validation every eval_every steps, a checkpoint every checkpoint_every steps
+
+On CPU with fp32 and deterministic kernels, a run killed at any point and resumed from its last checkpoint
+repeats the uninterrupted run's per-step losses bit for bit: weights, optimizer state, the data position and the
+RNG state are all in the checkpoint, and metrics of steps after it are simply recomputed and overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.data.loader import BatchLoader
+from lmforge.data.shards import load_shards
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
+from lmforge.meter.energy import footprint, make_energy_reader
+from lmforge.meter.hardware import describe_machine, resolve_profile
+from lmforge.meter.ledger import Ledger
+from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
+from lmforge.model.transformer import Transformer, TransformerShape
+from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.evaluate import evaluate
+from lmforge.train.optim import build_optimizers
+from lmforge.train.runtime import Runtime, prepare_model, setup_runtime
+from lmforge.train.schedule import lr_multiplier
+from lmforge.workspace import Workspace
+
+
+class Reporter(Protocol):
+    """What the loop tells its caller (the CLI draws progress bars from it; tests may ignore it)."""
+
+    def started(self, info: dict[str, Any]) -> None: ...
+    def stepped(self, stats: dict[str, Any]) -> None: ...
+    def evaluated(self, stats: dict[str, Any]) -> None: ...
+    def checkpointed(self, path: Path) -> None: ...
+
+
+class SilentReporter:
+    def started(self, info): pass
+    def stepped(self, stats): pass
+    def evaluated(self, stats): pass
+    def checkpointed(self, path): pass
+
+
+@dataclass
+class Counters:
+    """Totals that survive a resume (saved in every checkpoint)."""
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    train_seconds: float = 0.0  # time inside training steps
+    wall_seconds: float = 0.0   # everything: steps, validation, checkpoints
+    energy_j: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def model_shape(cfg: RunConfig, vocab_size: int) -> TransformerShape:
+    m = cfg.model
+    try:
+        return shape_from_depth(m.depth, vocab_size, m.seq_len, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
+                                kv_group=m.kv_group, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
+                                rope_theta=m.rope_theta)
+    except ValueError as e:
+        raise ConfigError(f"invalid model shape: {e}") from None
+
+
+def check_shape(saved: dict[str, Any], shape: TransformerShape, where: Path) -> None:
+    want = dataclasses.asdict(shape)
+    diff = [f"{k} {saved.get(k)} vs {v}" for k, v in want.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {where} is from a different model shape ({', '.join(diff)}, checkpoint vs config); "
+            f"drop the --model.* overrides or start a new run"
+        )
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.data.corpus_name()}-d{cfg.model.depth}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def progress_of(cfg: RunConfig, c: Counters) -> float:
+    """How far the run is toward its nearest stop limit, in [0, 1+]."""
+    t = cfg.train
+    fractions = [c.step / t.max_steps if t.max_steps else 0.0,
+                 c.tokens / t.max_tokens if t.max_tokens else 0.0,
+                 c.flops / t.max_flops if t.max_flops else 0.0,
+                 c.wall_seconds / t.max_time if t.max_time else 0.0]
+    return max(fractions)
+
+
+def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
+          reporter: Reporter | None = None) -> TrainResult:
+    """Run (or, with resume=True, continue) the run `cfg.name` until a stop limit; return where it ended."""
+    cfg.require_stop_condition()
+    reporter = reporter or SilentReporter()
+    t = cfg.train
+    runtime = setup_runtime(t)
+    torch.manual_seed(t.seed)
+
+    # data: tokenizer and shards must exist and belong together
+    tokenizer = Tokenizer.load(workspace.tokenizer_dir(cfg.tokenizer_name()))
+    shards = load_shards(workspace.shards_dir(cfg.tokenizer_name()), expected_tokenizer_hash=tokenizer.hash)
+    train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
+    tokenizer_json = tokenizer.path.read_bytes()  # copied into every checkpoint: the folder serves on its own
+
+    # run folder: a new run must not overwrite an old one; a resumed run must have a checkpoint
+    name = cfg.name or default_run_name(cfg)
+    cfg = dataclasses.replace(cfg, name=name)
+    run_dir = workspace.run_dir(name)
+    checkpoints_dir = run_dir / "checkpoints"
+    if resume:
+        last = latest_checkpoint(checkpoints_dir)
+        if last is None:
+            raise CheckpointError(f"run '{name}' has no checkpoint to resume from in {checkpoints_dir}; "
+                                  f"start it again without --resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run '{name}' already exists in {run_dir}; continue it with --resume {name} "
+                          f"or choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # model and optimizers
+    shape = model_shape(cfg, tokenizer.vocab_size)
+    model = Transformer(shape)
+    model.to(runtime.device)
+    optimizers = build_optimizers(model, t, runtime.device.type)
+    world_size = 1
+    loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=0, world_size=world_size, seed=t.seed)
+    counters = Counters()
+    if resume:
+        ckpt = load_checkpoint(last)
+        check_shape(ckpt.meta.get("shape", {}), shape, last)
+        model.load_state_dict(ckpt.model_state)
+        for opt, state in zip(optimizers, ckpt.train_state["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        loader.load_state_dict(ckpt.train_state["loader"])
+        counters = Counters(**ckpt.train_state["counters"])
+        torch.set_rng_state(ckpt.train_state["rng"]["torch"])
+        if runtime.device.type == "cuda" and ckpt.train_state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    step_model = prepare_model(model, runtime)
+
+    # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
+    profile = resolve_profile(
+        runtime.device.type, device_name, override_name=cfg.meter.device_profile or None,
+        peak_tflops=cfg.meter.peak_tflops or None, power_watts=cfg.meter.power_watts or None,
+        price_per_hour=cfg.meter.price_per_hour if cfg.meter.price_per_hour >= 0 else None,
+        cpu_threads=torch.get_num_threads(), probe_cache=workspace.probe_cache,
+    )
+    peak = profile.peak_flops_for("bf16" if runtime.dtype == "bf16" else "fp32")
+    energy = make_energy_reader(runtime.device.type, runtime.device.index or 0, declared_watts=profile.tdp_watts)
+    energy.start()
+
+    params = count_params(shape)
+    fpt = flops_per_token(shape, cfg.model.seq_len)
+    tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world_size
+    ledger = Ledger(workspace.ledger_path)
+    hardware = {**describe_machine(), "device": str(runtime.device), "profile": profile.name,
+                "peak_flops": peak, "dtype": runtime.dtype, "compile": runtime.compile,
+                "threads": torch.get_num_threads(), "energy_source": energy.label}
+    if resume:
+        run_id = ledger.get_run(name)["id"]
+        ledger.resume_run(run_id)
+    else:
+        run_id = ledger.start_run(name, "train", cfg.to_dict(), hardware, str(run_dir))
+    reporter.started({"run": name, "run_dir": run_dir, "shape": shape, "params": params, "flops_per_token": fpt,
+                      "tokens_per_step": tokens_per_step, "device": str(runtime.device), "dtype": runtime.dtype,
+                      "compile": runtime.compile, "peak_flops": peak, "energy_label": energy.label,
+                      "resumed_at": counters.step if resume else None, "train_tokens": len(train_tokens)})
+
+    def save(counters: Counters) -> Path:
+        state = {
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "loader": loader.state_dict(),
+            "counters": dataclasses.asdict(counters),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None},
+        }
+        meta = {"shape": dataclasses.asdict(shape), "tokenizer_hash": tokenizer.hash, "params": params["total"]}
+        path = save_checkpoint(checkpoints_dir, counters.step, model.state_dict(), state, cfg.to_yaml(),
+                               tokenizer_json, meta, t.keep_last)
+        ledger.add_artifact(run_id, "checkpoint", str(path))
+        reporter.checkpointed(path)
+        return path
+
+    def validate() -> dict[str, float]:
+        result = evaluate(step_model, val_tokens, token_bytes, batch_size=t.batch_size, seq_len=cfg.model.seq_len,
+                          max_batches=t.eval_batches or None, runtime=runtime)
+        metrics = {"val_loss": result["loss"], "val_bpb": result["bpb"]}
+        ledger.log_metrics(run_id, counters.step, metrics)
+        reporter.evaluated({"step": counters.step, **metrics})
+        return metrics
+
+    pending: list[tuple[int, dict[str, float]]] = []
+
+    def flush() -> None:
+        for step, metrics in pending:
+            ledger.log_metrics(run_id, step, metrics)
+        pending.clear()
+        ledger.heartbeat(run_id)
+
+    start_wall, start_energy = counters.wall_seconds, counters.energy_j
+    wall0 = time.perf_counter()
+    last_saved = counters.step if resume else -1
+    val: dict[str, float] = {}
+    step_model.train()
+    try:
+        while (progress := progress_of(cfg, counters)) < 1.0:
+            # 1. learning rate for this step
+            mult = lr_multiplier(counters.step, progress, warmup_steps=t.warmup_steps, decay_frac=t.decay_frac,
+                                 min_lr_frac=t.min_lr_frac)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * mult
+            # 2. forward and backward over the micro-batches
+            step_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=runtime.device)
+            for _ in range(t.grad_accum):
+                x, y = next(loader)  # (B, T) each
+                x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+                with runtime.autocast():
+                    loss = step_model(x, y)
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+            # 3. clip and step
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            loss_value = (loss_sum / t.grad_accum).item()
+            if not math.isfinite(loss_value):
+                raise LmforgeError(f"training loss became {loss_value} at step {counters.step + 1}; lower "
+                                   f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
+            # 4. counters and metrics
+            step_seconds = time.perf_counter() - step_start
+            energy.sample()
+            counters.step += 1
+            counters.tokens += tokens_per_step
+            counters.flops += fpt * tokens_per_step
+            counters.train_seconds += step_seconds
+            counters.wall_seconds = start_wall + time.perf_counter() - wall0
+            counters.energy_j = start_energy + energy.joules()
+            pending.append((counters.step, {"loss": loss_value, "lr_mult": mult, "tokens": counters.tokens,
+                                            "flops": counters.flops, "time": counters.wall_seconds}))
+            if counters.step % t.log_every == 0:
+                flush()
+                tok_per_s = tokens_per_step / step_seconds
+                reporter.stepped({"step": counters.step, "loss": loss_value, "lr_mult": mult, "tok_per_s": tok_per_s,
+                                  "mfu": fpt * tok_per_s / peak if peak else None,
+                                  "progress": progress_of(cfg, counters)})
+            # 5. validation and checkpoints
+            if t.eval_every and counters.step % t.eval_every == 0:
+                val = validate()
+            if t.checkpoint_every and counters.step % t.checkpoint_every == 0:
+                flush()  # metrics up to the checkpoint are durable before it exists
+                save(counters)
+                last_saved = counters.step
+        flush()
+        if not val or t.eval_every == 0 or counters.step % t.eval_every:
+            val = validate()
+        counters.wall_seconds = start_wall + time.perf_counter() - wall0
+        counters.energy_j = start_energy + energy.joules()
+        final = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
+    except KeyboardInterrupt:
+        flush()
+        if counters.step > max(last_saved, 0):
+            save(counters)
+        ledger.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
+        raise
+    except LmforgeError as e:
+        ledger.finish_run(run_id, "failed", error=str(e))
+        raise
+    except Exception as e:
+        ledger.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+    device_seconds = counters.wall_seconds * world_size
+    cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, cfg.meter.carbon_g_per_kwh)
+    tok_per_s = counters.tokens / counters.train_seconds if counters.train_seconds else 0.0
+    summary = {
+        "steps": counters.step, "tokens": counters.tokens, "flops": counters.flops,
+        "params": params["total"], "non_embedding_params": params["non_embedding"],
+        "train_seconds": counters.train_seconds, "wall_seconds": counters.wall_seconds,
+        "tok_per_s": tok_per_s, "mfu": fpt * tok_per_s / peak if peak else None, "peak_flops": peak,
+        "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
+        "energy_j": counters.energy_j, "energy_measured": energy.measured, "energy_label": energy.label,
+        "kwh": cost["kwh"], "cost_usd": cost["cost_usd"], "co2_kg": cost["co2_kg"],
+        "price_per_hour": profile.price_per_hour, "carbon_g_per_kwh": cfg.meter.carbon_g_per_kwh,
+        "device": str(runtime.device), "profile": profile.name, "checkpoint": str(final), "pid": os.getpid(),
+    }
+    ledger.finish_run(run_id, "completed", summary=summary)
+    return TrainResult(name, run_dir, final, summary)
