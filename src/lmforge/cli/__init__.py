@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="lmforge", description="Train small language models on scarce compute, and prove what "
+    parser = Parser(prog="lmforge", allow_abbrev=False, description="Train small language models on scarce compute, and prove what "
                     "it cost. Every verb writes under one workspace folder (see --workspace).")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     parser.add_argument("--workspace", metavar="DIR", help="Folder for corpora, tokenizers, shards, runs and the "
@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     for name, module_name in VERBS.items():
         module = importlib.import_module(module_name)
-        sub = verbs.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+        sub = verbs.add_parser(name, help=module.HELP, description=module.DESCRIPTION, allow_abbrev=False,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--workspace", metavar="DIR", default=argparse.SUPPRESS,
                          help="Workspace folder (default: $LMFORGE_HOME, else ./lmforge-work)")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         return args.run(args) or 0
     except LmforgeError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, even in a pipe
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from lmforge.config import SECTIONS, RunConfig, config_from_dict, field_type, iter_fields, load_config
 from lmforge.errors import ConfigError
@@ -69,8 +69,9 @@ def workspace_of(args: argparse.Namespace) -> Workspace:
 
 
 def progress_columns(unit: str = "") -> list:
-    return [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn(), TextColumn(unit)]
+    return [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), *counts, TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn()]
 
 
 @contextlib.contextmanager
@@ -84,7 +85,11 @@ def progress_bar(description: str, total: int | None = None, unit: str = "") -> 
                 bar.update(task, total=new_total)
             bar.advance(task, n)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            bar.live.transient = True  # on failure the error line alone is what the user should see
+            raise
 
 
 def human(n: float | None, unit: str = "", digits: int = 3) -> str:

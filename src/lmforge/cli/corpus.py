@@ -50,7 +50,7 @@ def stats_table(name: str, s: CorpusStats) -> Table:
 
 def build(cfg: RunConfig, workspace: Workspace) -> CorpusStats:
     name = cfg.data.corpus_name()
-    with progress_bar(f"corpus {name}", unit="documents") as progress:
+    with progress_bar(f"corpus {name}", unit="bytes") as progress:
         stats = build_corpus(cfg.data.source, workspace.corpus_dir(name), format=cfg.data.format,
                              glob=cfg.data.glob, text_field=cfg.data.text_field,
                              val_fraction=cfg.data.val_fraction, progress=progress)

@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def prepare(cfg: RunConfig, workspace: Workspace) -> dict[str, Any]:
     corpus_dir = workspace.corpus_dir(cfg.data.corpus_name())
-    stats = load_corpus(corpus_dir)
+    load_corpus(corpus_dir)  # a clear error if the corpus was never built
     tokenizer = Tokenizer.load(workspace.tokenizer_dir(cfg.tokenizer_name()))
-    with progress_bar("tokenize", total=stats.n_docs, unit="documents") as progress:
+    with progress_bar("tokenize", unit="bytes") as progress:
         return prepare_shards(corpus_dir, tokenizer, workspace.shards_dir(cfg.tokenizer_name()),
                               token_dtype=cfg.data.token_dtype, progress=progress)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lmforge.cli.common import add_config_arguments, config_from_args, err, out, progress_bar, workspace_of
 from lmforge.config import RunConfig
@@ -33,16 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, ("data", "tokenizer"))
 
 
-def take_bytes(texts: Iterator[str], budget: int) -> Iterator[str]:
-    """The texts until about `budget` UTF-8 bytes have been yielded (all of them when budget is 0)."""
-    if budget == 0:
-        yield from texts
-        return
+def take_bytes(texts: Iterator[str], budget: int, progress: Callable[[int, int | None], None]) -> Iterator[str]:
+    """The texts until about `budget` UTF-8 bytes have been yielded (all when budget is 0), reporting bytes."""
     used = 0
     for text in texts:
         yield text
-        used += len(text.encode("utf-8"))
-        if used >= budget:
+        n = len(text.encode("utf-8"))
+        progress(n, None)
+        used += n
+        if budget and used >= budget:
             return
 
 
@@ -55,13 +54,12 @@ def train(cfg: RunConfig, workspace: Workspace, *, force: bool = False) -> Token
     if not force and (out_dir / TRAINED_ON).is_file() and json.loads((out_dir / TRAINED_ON).read_text()) == recipe:
         err.print(f"tokenizer {cfg.tokenizer_name()} is up to date (use --force to retrain)")
         return Tokenizer.load(out_dir)
-    n_docs = stats.train_docs
-    if cfg.tokenizer.train_bytes and stats.train_bytes > cfg.tokenizer.train_bytes:  # about this many documents
-        n_docs = max(1, int(stats.train_docs * cfg.tokenizer.train_bytes / stats.train_bytes))
-    texts = take_bytes(iter_corpus_texts(corpus_dir, "train"), cfg.tokenizer.train_bytes)
-    with progress_bar(f"tokenizer {cfg.tokenizer_name()}", total=n_docs, unit="documents") as progress:
+    budget = cfg.tokenizer.train_bytes
+    total = min(budget, stats.train_bytes) if budget else stats.train_bytes
+    with progress_bar(f"tokenizer {cfg.tokenizer_name()}", total=total, unit="bytes") as progress:
+        texts = take_bytes(iter_corpus_texts(corpus_dir, "train"), budget, progress)
         tokenizer = train_tokenizer(texts, cfg.tokenizer.vocab_size, out_dir,
-                                    min_frequency=cfg.tokenizer.min_frequency, total=n_docs, progress=progress)
+                                    min_frequency=cfg.tokenizer.min_frequency)
     (out_dir / TRAINED_ON).write_text(json.dumps(recipe))
     return tokenizer
 

@@ -48,6 +48,8 @@ class ProgressReporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            self.bar.live.transient = True  # on failure the error line alone is what the user should see
         self.bar.__exit__(*exc)
 
     def started(self, info: dict[str, Any]) -> None:

@@ -121,13 +121,6 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     runtime = setup_runtime(t)
     torch.manual_seed(t.seed)
 
-    # data: tokenizer and shards must exist and belong together
-    tokenizer = Tokenizer.load(workspace.tokenizer_dir(cfg.tokenizer_name()))
-    shards = load_shards(workspace.shards_dir(cfg.tokenizer_name()), expected_tokenizer_hash=tokenizer.hash)
-    train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
-    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
-    tokenizer_json = tokenizer.path.read_bytes()  # copied into every checkpoint: the folder serves on its own
-
     # run folder: a new run must not overwrite an old one; a resumed run must have a checkpoint
     name = cfg.name or default_run_name(cfg)
     cfg = dataclasses.replace(cfg, name=name)
@@ -141,6 +134,16 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run '{name}' already exists in {run_dir}; continue it with --resume {name} "
                           f"or choose another --name")
+
+    # data: tokenizer and shards must exist and belong together
+    tokenizer = Tokenizer.load(workspace.tokenizer_dir(cfg.tokenizer_name()))
+    # full sha256 check: ~1 s per GB, once per run, so a corrupted shard is an error and not a silent bad run
+    shards = load_shards(workspace.shards_dir(cfg.tokenizer_name()), expected_tokenizer_hash=tokenizer.hash,
+                         verify="hash")
+    train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
+    tokenizer_json = tokenizer.path.read_bytes()  # copied into every checkpoint: the folder serves on its own
+
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # model and optimizers
