@@ -19,8 +19,9 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 ## demo: corpus (the stdlib on this machine) -> tokenizer -> shards -> ~4 min of CPU training -> eval, samples, compute summary
+##       extra flags: make demo ARGS="--train.max_time 60"
 demo: $(VENV)/.installed
-	$(BIN)/lmforge demo
+	$(BIN)/lmforge demo $(ARGS)
 
 ## test: the whole suite (GPU-only tests skip themselves without a GPU)
 test: $(VENV)/.installed-dev

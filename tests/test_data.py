@@ -360,18 +360,16 @@ def test_prepare_writes_documents_with_eot(tmp_path, corpus_dir, tokenizer):
     assert (tmp_path / "wide" / "train.bin").stat().st_size == 2 * (tmp_path / "shards" / "train.bin").stat().st_size
 
 
-def test_prepare_with_workers_writes_the_same_files(tmp_path, corpus_dir, tokenizer, monkeypatch):
-    monkeypatch.setattr(shards, "ENCODE_CHUNK_DOCS", 3)  # many small chunks: more than the pool holds in flight
+def test_prepare_in_small_chunks_writes_the_same_files(tmp_path, corpus_dir, tokenizer, monkeypatch):
+    whole = prepare_shards(corpus_dir, tokenizer, tmp_path / "whole")
+    monkeypatch.setattr(shards, "ENCODE_CHUNK_DOCS", 3)  # many small chunks, cut by documents and by bytes
     monkeypatch.setattr(shards, "ENCODE_CHUNK_BYTES", 4096)
-    progress = {1: [], 2: []}
-    index = {w: prepare_shards(corpus_dir, tokenizer, tmp_path / f"w{w}", workers=w,
-                               progress=lambda n, t, w=w: progress[w].append(n)) for w in (1, 2)}
-    assert index[1] == index[2] and index[2]["cache"] == "built"
-    assert progress[1] == progress[2] and len(progress[2]) > 2 * shards.CHUNKS_IN_FLIGHT_PER_WORKER * 2
+    progress = []
+    chunked = prepare_shards(corpus_dir, tokenizer, tmp_path / "chunked", progress=lambda n, t: progress.append(n))
+    assert chunked == whole and len(progress) > 4
+    assert sum(progress) == chunked["splits"]["train"]["n_bytes"] + chunked["splits"]["val"]["n_bytes"]
     for name in ("train.bin", "val.bin", "index.json"):
-        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
-    with pytest.raises(ValueError, match="workers"):
-        prepare_shards(corpus_dir, tokenizer, tmp_path / "w0", workers=0)
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "chunked" / name).read_bytes()
 
 
 def test_prepare_is_a_noop_on_rerun_and_rebuilds_when_stale(tmp_path, corpus_dir, tokenizer):

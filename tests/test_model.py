@@ -80,7 +80,7 @@ def test_flops_per_token_follows_palm():
 
 def test_init_is_deterministic():
     a, b = tiny_model(), tiny_model()
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 

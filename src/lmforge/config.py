@@ -99,7 +99,7 @@ class TrainConfig:
         "muon", "'muon': Muon (orthogonalised momentum) for 2-D weight matrices and AdamW for embeddings, output "
         "head and norms; 'adamw': AdamW for everything.", choices=("muon", "adamw"),
     )
-    lr: float = option(3e-3, "AdamW learning rate (embeddings, head and norms; every parameter with 'adamw').")
+    lr: float = option(1e-2, "AdamW learning rate (embeddings, head and norms; every parameter with 'adamw').")
     matrix_lr: float = option(0.02, "Muon learning rate for the 2-D weight matrices.")
     weight_decay: float = option(0.0, "Decoupled weight decay for 2-D weights (norms and embeddings never decay).")
     beta1: float = option(0.9, "AdamW beta1.")
@@ -125,7 +125,7 @@ class TrainConfig:
     eval_batches: int = option(20, "Validation batches per evaluation (0 = the whole validation split).")
     checkpoint_every: int = option(200, "Write a checkpoint every this many steps (and at the end); 0 = only at the end.")
     keep_last: int = option(2, "How many checkpoints to keep; older ones are deleted.")
-    log_every: int = option(10, "Refresh the progress line and flush metrics to the ledger every this many steps.")
+    log_every: int = option(10, "Write step metrics to the ledger every this many steps (and before each checkpoint).")
     seed: int = option(1337, "Seed for weights, data order and sampling.")
     device: str = option("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = option(

@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"[dim]--- prompt {prompt!r} ---[/]")
         out.print(prompt + loaded.tokenizer.decode(new), markup=False)
     print_summary(result.run_name, result.summary)
-    out.print(f"\nrun folder: {result.run_dir}\nmore: lmforge runs show {result.run_name} | "
-              f"lmforge generate --ckpt {result.run_name} \"def fib(n):\" | lmforge eval --ckpt {result.run_name}")
+    out.print(f"\nrun folder: {result.run_dir}\nnext:\n  lmforge runs show {result.run_name}\n"
+              f"  lmforge generate --ckpt {result.run_name} \"def fib(n):\"\n  lmforge eval --ckpt {result.run_name}")
     return 0

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.model.loss import linear_cross_entropy
+
 
 @dataclass
 class TransformerShape:
@@ -49,7 +51,7 @@ class TransformerShape:
     d_ff: int  # SwiGLU hidden width
     max_seq_len: int
     rope_theta: float = 10000.0  # Llama 2's base; plenty for the contexts (<= a few thousand) we train
-    qk_norm: bool = True  # Qwen3's per-head RMSNorm on q and k: steadier logits at high learning rates
+    qk_norm: bool = True  # Qwen3's per-head RMSNorm on q and k: bounded attention logits, steadier at high LR
     tie_embeddings: bool = False
     norm_eps: float = 1e-6  # HF LlamaConfig / Qwen3Config default
 
@@ -70,7 +72,7 @@ class TransformerShape:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learnable gain, as HF LlamaRMSNorm (statistics in float32)."""
+    """Root-mean-square norm with a learnable gain, as HF LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * weight."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -78,7 +80,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # under autocast q and k arrive in bf16: cast the gain to match rather than upcast the activations
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 class Rotary(nn.Module):
@@ -87,32 +90,35 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (max_seq_len, D/2)
-        # non-persistent: derived from the shape, so checkpoints do not carry them and model.to(dtype) is harmless
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (max_seq_len, D/2)
+        # HF computes x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1); we fold the sign into
+        # sin, cat(-sin, sin), and swap the halves without negating: the same numbers, one op fewer.
+        # Non-persistent: derived from the shape, so checkpoints do not carry them.
+        self.register_buffer("cos", torch.cat((angles.cos(), angles.cos()), dim=-1), persistent=False)  # (., D)
+        self.register_buffer("sin", torch.cat((-angles.sin(), angles.sin()), dim=-1), persistent=False)
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        # x: (B, T, n, D) for any head count n; rotate each (x1, x2) pair by its position's angle
+        # x: (B, T, n, D) for any head count n
         T = x.size(1)
-        cos = self.cos[start_pos : start_pos + T, None, :].to(x.dtype)  # (T, 1, D/2)
+        cos = self.cos[start_pos : start_pos + T, None, :].to(x.dtype)  # (T, 1, D)
         sin = self.sin[start_pos : start_pos + T, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # (B, T, n, D/2) each
-        # equals HF's x * cat(cos, cos) + rotate_half(x) * cat(sin, sin) with half the multiplies
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class KVCache:
     """Pre-allocated keys and values for incremental decoding: (n_layer, B, K, max_len, D) each."""
 
-    def __init__(self, shape: TransformerShape, batch_size: int, max_len: int, device, dtype):
+    def __init__(
+        self, shape: TransformerShape, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ):
         self.batch_size = batch_size
         self.max_len = max_len
         size = (shape.n_layer, batch_size, shape.n_kv_head, max_len, shape.head_dim)
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at positions start_pos.. and return all keys/values so far (B, K, S, D)."""
         end = start_pos + k.size(2)
         self.k[layer, :, :, start_pos:end] = k
@@ -226,7 +232,13 @@ class Transformer(nn.Module):
         """Parameters in the module (a tied embedding counted once); equals sizing.count_params(shape)["total"]."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
         """An empty cache for up to max_len positions (default: the model's context) on the model's device/dtype."""
         max_len = self.shape.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= self.shape.max_seq_len:
@@ -235,7 +247,7 @@ class Transformer(nn.Module):
                 "pass a smaller max_len"
             )
         weight = self.embed.weight
-        return KVCache(self.shape, batch_size, max_len, device or weight.device, dtype or weight.dtype)
+        return KVCache(self.shape, batch_size, max_len, torch.device(device or weight.device), dtype or weight.dtype)
 
     def forward(
         self,
@@ -255,7 +267,7 @@ class Transformer(nn.Module):
         last_only: return logits for the last position only, (B, 1, V) (saves the lm_head over a long prompt).
         """
         if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a (batch, time) tensor of token ids with time >= 1, got shape {tuple(idx.shape)}")
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids, time >= 1; got {tuple(idx.shape)}")
         B, T = idx.size()
         if start_pos + T > self.shape.max_seq_len:
             raise ValueError(
@@ -283,8 +295,10 @@ class Transformer(nn.Module):
             if last_only:
                 x = x[:, -1:, :]  # (B, 1, C)
             return self.lm_head(x)  # (B, T, V)
-        # logits go straight into the loss, so the only (B*T, V) tensor kept for backward is the one
-        # cross_entropy saves; .float() is a no-op in fp32 and upcasts autocast's bf16 logits for a stable loss
+        if reduction == "mean" and torch.is_grad_enabled():
+            # training: projection + loss fused in cache-sized chunks, never holding (B*T, V) logits (model/loss.py)
+            return linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        # evaluation: .float() is a no-op in fp32 and upcasts autocast's bf16 logits for a stable loss
         logits = self.lm_head(x).view(B * T, -1)  # (B*T, V)
         loss = F.cross_entropy(logits.float(), targets.reshape(B * T), ignore_index=-100, reduction=reduction)
         return loss if reduction == "mean" else loss.view(B, T)

@@ -274,10 +274,9 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
                                             "flops": counters.flops, "time": counters.wall_seconds}))
             if counters.step % t.log_every == 0:
                 flush()
-                tok_per_s = tokens_per_step / step_seconds
-                reporter.stepped({"step": counters.step, "loss": loss_value, "lr_mult": mult, "tok_per_s": tok_per_s,
-                                  "mfu": fpt * tok_per_s / peak if peak else None,
-                                  "progress": progress_of(cfg, counters)})
+            tok_per_s = tokens_per_step / step_seconds
+            reporter.stepped({"step": counters.step, "loss": loss_value, "lr_mult": mult, "tok_per_s": tok_per_s,
+                              "mfu": fpt * tok_per_s / peak if peak else None, "progress": progress_of(cfg, counters)})
             # 5. validation and checkpoints
             if t.eval_every and counters.step % t.eval_every == 0:
                 val = validate()

@@ -1,0 +1,63 @@
+"""The README's promises: its two commands come first and work, and every lmforge command it shows parses."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from lmforge.cli import build_parser
+from lmforge.meter.ledger import Ledger
+
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_starts_with_the_two_commands():
+    first_block = README.split("```")[1]
+    assert "make demo" in first_block and "make test" in first_block
+    assert README.index("make demo") < 400
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def readme_commands() -> list[str]:
+    """`lmforge ...` lines of the code blocks and `lmforge ...` inline code (the verb table)."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", README, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    inline = [c.replace("\\|", "|") for c in re.findall(r"`(lmforge [^`]+)`", README)]
+    return [line for line in lines if line.startswith("lmforge ")] + inline
+
+
+def test_every_readme_command_parses():
+    commands = readme_commands()
+    assert len(commands) >= 8
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        args, extra = parser.parse_known_args(argv)
+        assert not extra, f"README command has unknown arguments {extra}: {command}"
+        assert args.verb, command
+
+
+@pytest.mark.slow
+def test_make_demo_runs_end_to_end(tmp_path):
+    """`make demo` itself, shortened through ARGS: every stage runs on the real stdlib corpus."""
+    env = {**os.environ, "LMFORGE_HOME": str(tmp_path), "COLUMNS": "200"}
+    args = ("--model.depth 1 --train.max_time 5 --train.eval_every 0 --train.checkpoint_every 0 "
+            "--tokenizer.train_bytes 2000000 --tokenizer.vocab_size 1024")
+    proc = subprocess.run(["make", "--no-print-directory", "demo", f"ARGS={args}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for needle in ("corpus stdlib", "--- prompt 'def ' ---", "compute summary", "FLOPs", "MFU", "energy",
+                   "cost", "CO2", "bits/byte", "ESTIMATE"):
+        assert needle in out, needle
+    runs = Ledger(tmp_path / "ledger.db").list_runs()
+    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["summary"]["tokens"] > 0
