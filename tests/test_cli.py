@@ -14,6 +14,7 @@ import pytest
 from conftest import CLI, TINY, flags, run_subprocess
 from lmforge.cli import VERBS, main
 from lmforge.config import iter_fields
+from lmforge.meter.ledger import Ledger
 
 
 def one_line_error(code: int, err: str, pattern: str) -> None:
@@ -60,6 +61,19 @@ def test_verbs_on_a_trained_run(trained_run, capsys):
     assert again == out  # seeded sampling repeats
     code, out, _ = cli("corpus", "show", "src")
     assert code == 0 and "documents" in out
+    eval_run = Ledger(workspace / "ledger.db").list_runs()[0]
+    assert eval_run["kind"] == "eval"
+    code, out, _ = cli("runs", "show", str(eval_run["id"]))
+    assert code == 0 and "val_bpb" in out
+
+
+def test_summary_without_a_known_price_or_peak(capsys):
+    from lmforge.cli.runs import print_summary
+
+    print_summary("x", {"steps": 3, "tokens": 30, "cost_usd": None, "price_per_hour": None, "mfu": None,
+                        "kwh": 0.001, "co2_kg": 0.0005, "carbon_g_per_kwh": 475, "energy_label": "ESTIMATE"})
+    out = capsys.readouterr().out
+    assert "no price known" in out and "unknown peak" in out
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

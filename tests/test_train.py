@@ -104,9 +104,9 @@ def run_killer(workspace: Path, mode: str, point: int, *args: str) -> subprocess
 
 
 def test_sigkill_and_resume_repeat_the_uninterrupted_run(prepared):
-    """Kill mid-checkpoint, between checkpoints and from outside at a random moment; resume each time.
-
-    The resumed run's per-step losses must equal the uninterrupted run's exactly (fp32, CPU, deterministic).
+    """Kill mid-checkpoint, between checkpoints and from outside at a random moment, stop with Ctrl-C; resume
+    each time. The resumed run's per-step losses must equal the uninterrupted run's exactly (fp32, CPU,
+    deterministic), and each resume must start from the checkpoint it should (not from scratch).
     """
     workspace, data = prepared
     steps = ["--train.max_steps", "36", "--train.checkpoint_every", "6", "--train.eval_every", "12",
@@ -114,6 +114,8 @@ def test_sigkill_and_resume_repeat_the_uninterrupted_run(prepared):
     assert main(["--workspace", str(workspace), "train", *data, *steps, "--name", "straight"]) == 0
     expected = losses(workspace, "straight")
     assert len(expected) == 36
+    env = {**os.environ, "LMFORGE_HOME": str(workspace), "COLUMNS": "200"}
+    resume = [sys.executable, "-m", "lmforge", "train", "--resume", "killed"]
 
     # 1. killed while writing the step-12 checkpoint: the step-6 checkpoint must be the one resumed from
     proc = run_killer(workspace, "mid-checkpoint", 12, "train", *data, *steps, "--name", "killed")
@@ -122,21 +124,53 @@ def test_sigkill_and_resume_repeat_the_uninterrupted_run(prepared):
     assert [p.name for p in ckpts.glob("step_*")] == ["step_00000006"] and list(ckpts.glob(".tmp-*"))
     # 2. resumed, then killed between checkpoints (after step 21 of 36)
     proc = run_killer(workspace, "after-step", 21, "train", "--resume", "killed")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.returncode == -signal.SIGKILL and "resumed at step 6" in proc.stderr, proc.stderr
     # 3. resumed, then killed from outside at whatever moment the process has reached
-    env = {**os.environ, "LMFORGE_HOME": str(workspace)}
-    child = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--resume", "killed"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and max(losses(workspace, "killed")) < 26:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
-    child.wait()
+    assert "resumed at step 18" in child.communicate()[1]
     ledger = Ledger(workspace / "ledger.db")
     assert ledger.get_run("killed")["status"] == "crashed"
-    # 4. resumed to the end
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "train", "--resume", "killed"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    # 4. resumed, then Ctrl-C: it finishes the step, checkpoints it and stops
+    child = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = max(losses(workspace, "killed"))
+    while time.time() < deadline and max(losses(workspace, "killed")) < start + 2:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "interrupted: stopped after step" in err, err
+    assert ledger.get_run("killed")["status"] == "interrupted"
+    # 5. resumed to the end
+    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert ledger.get_run("killed")["status"] == "completed"
     assert losses(workspace, "killed") == expected
+
+
+def test_out_of_disk_during_training_keeps_the_last_checkpoint(prepared, monkeypatch, capsys):
+    """ENOSPC in the second checkpoint write: one-line error, exit 2, the first checkpoint still loads."""
+    import errno
+
+    import lmforge.checkpoint as checkpoint
+    from lmforge.checkpoint import latest_checkpoint, load_model
+
+    workspace, data = prepared
+    real_write = checkpoint._write_file
+
+    def full_disk(path, data_bytes):
+        if "step_00000010" in path.parent.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data_bytes)
+
+    monkeypatch.setattr(checkpoint, "_write_file", full_disk)
+    code = main(["--workspace", str(workspace), "train", *data, "--name", "full", "--train.max_steps", "12",
+                 "--train.checkpoint_every", "5", "--train.eval_every", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device; the previous checkpoint step_00000005 is intact" in err
+    assert "Traceback" not in err
+    last = latest_checkpoint(workspace / "runs" / "full" / "checkpoints")
+    assert last.name == "step_00000005" and load_model(last).step == 5
+    assert Ledger(workspace / "ledger.db").get_run("full")["status"] == "failed"

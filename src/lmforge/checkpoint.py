@@ -32,6 +32,7 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from lmforge.atomic import fsync_path
 from lmforge.config import RunConfig, config_from_dict
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import CheckpointError
@@ -65,14 +66,6 @@ def _write_file(path: Path, data: bytes) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -111,11 +104,11 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model_state: dict[str, tor
         }
         meta = {"format_version": FORMAT_VERSION, "step": step, "files": files, "aliases": aliases, **extra_meta}
         _write_file(tmp / META, json.dumps(meta, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_path(checkpoints_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(checkpoints_dir)
@@ -155,6 +148,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} is corrupted: {META} is not valid JSON; use an earlier checkpoint") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"checkpoint {path} is corrupted: {META} lacks its file list; use an earlier checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {meta.get('format_version')}, this lmforge reads {FORMAT_VERSION}"
@@ -195,9 +190,20 @@ def load_checkpoint(path: Path, *, with_train_state: bool = True) -> Checkpoint:
     return Checkpoint(path, meta["step"], tensors, train_state, config, meta)
 
 
+def read_config(path: Path) -> RunConfig:
+    """The resolved config saved in a checkpoint, verified against its hash."""
+    meta = read_meta(path)
+    if CONFIG not in meta["files"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {META} lacks an entry for {CONFIG}")
+    try:
+        return config_from_dict(yaml.safe_load(_read_verified(path, CONFIG, meta["files"][CONFIG]).decode()))
+    except (yaml.YAMLError, AttributeError, TypeError):
+        raise CheckpointError(f"checkpoint {path} has an unreadable {CONFIG}; use an earlier checkpoint") from None
+
+
 def resolve_checkpoint(ref: str, runs_dir: Path) -> Path:
-    """A checkpoint folder from what a user typed: a checkpoint folder, a run folder, or a run name."""
-    for candidate in (Path(ref), runs_dir / ref):
+    """A checkpoint folder from what a user typed: a run name, a run folder, or a checkpoint folder."""
+    for candidate in (runs_dir / ref, Path(ref)):
         if (candidate / META).is_file():
             return candidate
         if candidate.is_dir():

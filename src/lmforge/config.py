@@ -170,7 +170,7 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every field and the fields against each other; raise ConfigError naming the flag to change."""
-        for section, f in iter_fields(self):
+        for section, f in iter_fields():
             choices = f.metadata.get("choices")
             value = getattr(getattr(self, section) if section else self, f.name)
             if choices and value not in choices:
@@ -190,6 +190,8 @@ class RunConfig:
         for section, name in non_negative:
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{flag(section, name)} must be >= 0, got {getattr(getattr(self, section), name)}")
+        if not self.data.source.strip():
+            raise ConfigError("--data.source is empty; pass a directory, a .jsonl or .parquet file, or 'stdlib'")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if not 0.0 <= self.train.decay_frac <= 1.0 or not 0.0 <= self.train.min_lr_frac <= 1.0:
@@ -237,7 +239,7 @@ def flag(section: str, name: str) -> str:
     return f"--{section}.{name}" if section else f"--{name}"
 
 
-def iter_fields(cfg_or_cls: Any = RunConfig) -> typing.Iterator[tuple[str, dataclasses.Field]]:
+def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field]]:
     """Yield (section, field) for every leaf setting; top-level fields have section ''."""
     for f in dataclasses.fields(RunConfig):
         if f.name in SECTIONS:

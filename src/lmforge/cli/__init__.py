@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 
 from rich.markup import escape
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, even in a pipe
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmforge generate ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -65,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
                           stop_ids=(loaded.tokenizer.eot_id,)):
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.flush() + "\n")
     return 0

@@ -34,31 +34,36 @@ def when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
 
 
-def energy_text(summary: dict[str, Any]) -> str:
-    if summary.get("energy_j") is None:
+def money(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
+def energy_text(s: dict[str, Any]) -> str:
+    if s.get("kwh") is None:
         return "-"
-    kwh = summary["energy_j"] / 3.6e6
-    return f"{kwh * 1000:.3g} Wh" + ("" if summary.get("energy_measured") else " (est.)")
+    return f"{s['kwh'] * 1000:.3g} Wh" + ("" if s.get("energy_measured") else " (est.)")
 
 
 def print_summary(name: str, s: dict[str, Any]) -> None:
-    """The compute summary of a finished run: what it did, what it cost."""
+    """The compute summary of a finished training run: what it did, what it cost."""
     table = Table(title=f"compute summary: {name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    mfu = f"{s['mfu'] * 100:.1f}% of {human(s['peak_flops'])}FLOP/s" if s.get("mfu") is not None else "-"
+    mfu = f"{s['mfu'] * 100:.1f}% of {human(s['peak_flops'])}FLOP/s" if s.get("mfu") is not None else "unknown peak"
+    price = "no price known (--meter.price_per_hour)" if s.get("price_per_hour") is None else \
+        f"at ${s['price_per_hour']}/device-hour"
     rows = [
-        ("parameters", f"{human(s['params'])} ({human(s['non_embedding_params'])} non-embedding)"),
-        ("steps / tokens", f"{s['steps']:,} / {s['tokens']:,}"),
-        ("FLOPs", human(s["flops"])),
-        ("throughput", f"{human(s['tok_per_s'])} tokens/s, MFU {mfu}"),
-        ("time", f"{duration(s['wall_seconds'])} wall, {duration(s['train_seconds'])} in training steps"),
+        ("parameters", f"{human(s.get('params'))} ({human(s.get('non_embedding_params'))} non-embedding)"),
+        ("steps / tokens", f"{s.get('steps', 0):,} / {s.get('tokens', 0):,}"),
+        ("FLOPs", human(s.get("flops"))),
+        ("throughput", f"{human(s.get('tok_per_s'))} tokens/s, MFU {mfu}"),
+        ("time", f"{duration(s.get('wall_seconds'))} wall, {duration(s.get('train_seconds'))} in training steps"),
         ("validation", f"loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits/byte" if s.get("val_bpb") else "-"),
-        ("energy", f"{s['kwh'] * 1000:.3g} Wh; {s['energy_label']}"),
-        ("cost", f"${s['cost_usd']:.4f} at ${s['price_per_hour']}/device-hour"),
-        ("CO2", f"{s['co2_kg'] * 1000:.3g} g at {s['carbon_g_per_kwh']:g} g/kWh"
+        ("energy", f"{energy_text(s)}; {s.get('energy_label', '-')}"),
+        ("cost", f"{money(s.get('cost_usd'))} {price}"),
+        ("CO2", "-" if s.get("co2_kg") is None else f"{s['co2_kg'] * 1000:.3g} g at {s['carbon_g_per_kwh']:g} g/kWh"
                 + ("" if s.get("energy_measured") else " (from estimated energy)")),
-        ("checkpoint", s["checkpoint"]),
+        ("checkpoint", s.get("checkpoint", "-")),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -79,8 +84,8 @@ def list_runs(ledger: Ledger, limit: int) -> None:
         table.add_row(str(r["id"]), r["name"], r["kind"], r["status"], when(r["created_at"]),
                       f"{s['steps']:,}" if "steps" in s else "-", human(s.get("tokens")),
                       f"{s['val_bpb']:.4f}" if s.get("val_bpb") else "-", duration(s.get("wall_seconds")),
-                      energy_text(s), f"${s['cost_usd']:.4f}" if "cost_usd" in s else "-",
-                      f"{s['co2_kg'] * 1000:.3g} g" if "co2_kg" in s else "-")
+                      energy_text(s), money(s.get("cost_usd")),
+                      f"{s['co2_kg'] * 1000:.3g} g" if s.get("co2_kg") is not None else "-")
     out.print(table)
 
 
@@ -91,8 +96,10 @@ def show_run(ledger: Ledger, ref: str) -> None:
     out.print(f"started {when(r['created_at'])}, last heartbeat {when(r['updated_at'])}, ended {when(r['ended_at'])}")
     if r.get("error"):
         out.print(f"[red]error:[/] {r['error']}")
-    if r.get("summary"):
+    if r.get("summary") and r["kind"] == "train":
         print_summary(r["name"], r["summary"])
+    elif r.get("summary"):
+        out.print("result: " + ", ".join(f"{k}={v}" for k, v in r["summary"].items()))
     hw = r.get("hardware") or {}
     out.print("hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()))
     metrics = ledger.get_metrics(r["id"])

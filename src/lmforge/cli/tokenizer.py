@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Callable, Iterator
 
 from lmforge.cli.common import add_config_arguments, config_from_args, err, out, progress_bar, workspace_of
 from lmforge.config import RunConfig
 from lmforge.data.corpus import iter_corpus_texts, load_corpus
 from lmforge.data.tokenizer import Tokenizer, train_tokenizer
+from lmforge.errors import DataError
 from lmforge.workspace import Workspace
 
 HELP = "train a byte-level BPE tokenizer on a corpus"
@@ -45,13 +47,24 @@ def take_bytes(texts: Iterator[str], budget: int, progress: Callable[[int, int |
             return
 
 
+def up_to_date(out_dir: Path, recipe: dict) -> bool:
+    """True when the tokenizer in out_dir was trained from this recipe and still loads."""
+    try:
+        if json.loads((out_dir / TRAINED_ON).read_text()) != recipe:
+            return False
+        Tokenizer.load(out_dir)
+        return True
+    except (OSError, ValueError, DataError):
+        return False
+
+
 def train(cfg: RunConfig, workspace: Workspace, *, force: bool = False) -> Tokenizer:
     corpus_dir = workspace.corpus_dir(cfg.data.corpus_name())
     stats = load_corpus(corpus_dir)
     out_dir = workspace.tokenizer_dir(cfg.tokenizer_name())
     recipe = {"source_hash": stats.source_hash, "vocab_size": cfg.tokenizer.vocab_size,
               "min_frequency": cfg.tokenizer.min_frequency, "train_bytes": cfg.tokenizer.train_bytes}
-    if not force and (out_dir / TRAINED_ON).is_file() and json.loads((out_dir / TRAINED_ON).read_text()) == recipe:
+    if not force and up_to_date(out_dir, recipe):
         err.print(f"tokenizer {cfg.tokenizer_name()} is up to date (use --force to retrain)")
         return Tokenizer.load(out_dir)
     budget = cfg.tokenizer.train_bytes

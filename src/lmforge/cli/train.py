@@ -6,12 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lmforge.cli.common import add_config_arguments, config_from_args, err, human, workspace_of
-from lmforge.config import config_from_dict
-from lmforge.errors import CheckpointError
+from lmforge.checkpoint import latest_checkpoint, read_config
+from lmforge.errors import CheckpointError, UsageError
 from lmforge.model.sizing import describe
 from lmforge.train.loop import TrainResult, train
 
@@ -77,12 +76,16 @@ def run_training(args: argparse.Namespace) -> TrainResult:
     workspace = workspace_of(args)
     if args.resume:
         if getattr(args, "cfg:name", None):
-            raise CheckpointError("--name cannot be combined with --resume (the run keeps its name)")
-        saved = workspace.run_dir(args.resume) / "config.yaml"
-        if not saved.is_file():
+            raise UsageError("--name cannot be combined with --resume (the run keeps its name)")
+        run_dir = workspace.run_dir(args.resume)
+        if not run_dir.is_dir():
             raise CheckpointError(f"no run named '{args.resume}' to resume in {workspace.runs_dir}; "
                                   f"`lmforge runs` lists runs")
-        cfg = config_from_args(args, base=config_from_dict(yaml.safe_load(saved.read_text())))
+        last = latest_checkpoint(run_dir / "checkpoints")
+        if last is None:
+            raise CheckpointError(f"run '{args.resume}' has no checkpoint to resume from in {run_dir}; "
+                                  f"start a new run with another --name")
+        cfg = config_from_args(args, base=read_config(last))
     else:
         cfg = config_from_args(args)
     with ProgressReporter() as reporter:

@@ -11,18 +11,17 @@ Which split a document lands in depends only on the sha256 of its text: identica
 the split does not depend on file order, machine or Python version.
 """
 
-import ctypes
 import hashlib
 import json
 import os
 import shutil
-import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from lmforge.atomic import replace_dir
 from lmforge.errors import ConfigError, DataError
 
 Progress = Callable[[int, int | None], None]
@@ -304,7 +303,8 @@ def build_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         stats = _write_corpus(source, fmt, glob, text_field, val_fraction, tmp, progress)
-        _write_json(tmp / "stats.json", {"format_version": CORPUS_FORMAT_VERSION, **asdict(stats)})
+        (tmp / "stats.json").write_text(json.dumps({"format_version": CORPUS_FORMAT_VERSION, **asdict(stats)},
+                                                   indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -431,77 +431,9 @@ def iter_corpus_texts(out_dir: Path, split: str) -> Iterator[str]:
                                 "to rebuild it") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# atomic writes (shared by the corpus, tokenizer and shard caches)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling of `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
 def ensure_replaceable(final: Path, marker: str) -> None:
     """DataError unless `final` is absent, empty, or a cache folder of ours (it holds `marker`): a cache folder is
     replaced as a whole, and a mistyped path must not delete someone's files."""
     if final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / marker).exists()):
         raise DataError(f"refusing to replace {final}: it is not empty and holds no {marker}, so it is not an "
                         "lmforge cache; pass a new or empty folder")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final`, replacing any previous `final` in one atomic step.
-
-    Every file directly in `tmp` is fsynced first. A new folder is one rename. An existing one is swapped with
-    renameat2(RENAME_EXCHANGE) on Linux; elsewhere the old folder is renamed aside first, so a crash between the
-    two renames leaves no `final` (and a rebuild), never a mix of old and new files.
-    """
-    for path in tmp.iterdir():
-        _fsync(path)
-    if not final.exists():
-        os.rename(tmp, final)
-    elif _exchange(tmp, final):
-        shutil.rmtree(tmp)  # tmp now holds the previous contents
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.rename(final, old / final.name)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.corpus import ensure_replaceable, iter_corpus_texts, load_corpus, replace_dir
+from lmforge.atomic import replace_dir
+from lmforge.data.corpus import ensure_replaceable, iter_corpus_texts, load_corpus
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError, DataError
 

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.data.corpus import write_file_atomic
+from lmforge.atomic import write_file_atomic
 from lmforge.errors import ConfigError, DataError
 
 Progress = Callable[[int, int | None], None]

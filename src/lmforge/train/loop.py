@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,9 @@ from typing import Any, Protocol
 
 import torch
 
+from lmforge.atomic import write_file_atomic
 from lmforge.config import RunConfig
+from lmforge.data.corpus import load_corpus
 from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import load_shards
 from lmforge.data.tokenizer import Tokenizer
@@ -76,6 +81,33 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+class StopAfterStep:
+    """The first Ctrl-C asks the loop to stop after the current step (with a checkpoint); a second stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def finish_quietly(ledger: Ledger, run_id: int, status: str, error: str) -> None:
+    """Record how a run ended; a ledger that cannot be written (a full disk) must not hide the original error."""
+    try:
+        ledger.finish_run(run_id, status, error=error)
+    except sqlite3.Error:
+        pass
 
 
 def model_shape(cfg: RunConfig, vocab_size: int) -> TransformerShape:
@@ -130,16 +162,20 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         last = latest_checkpoint(checkpoints_dir)
         if last is None:
             raise CheckpointError(f"run '{name}' has no checkpoint to resume from in {checkpoints_dir}; "
-                                  f"start it again without --resume")
+                                  f"start a new run with another --name")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run '{name}' already exists in {run_dir}; continue it with --resume {name} "
                           f"or choose another --name")
 
     # data: tokenizer and shards must exist and belong together
     tokenizer = Tokenizer.load(workspace.tokenizer_dir(cfg.tokenizer_name()))
+    try:  # the corpus may be deleted once prepared; if it is there, the shards must come from it
+        corpus_hash = load_corpus(workspace.corpus_dir(cfg.data.corpus_name())).source_hash
+    except DataError:
+        corpus_hash = None
     # full sha256 check: ~1 s per GB, once per run, so a corrupted shard is an error and not a silent bad run
     shards = load_shards(workspace.shards_dir(cfg.tokenizer_name()), expected_tokenizer_hash=tokenizer.hash,
-                         verify="hash")
+                         expected_source_hash=corpus_hash, verify="hash")
     train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     tokenizer_json = tokenizer.path.read_bytes()  # copied into every checkpoint: the folder serves on its own
@@ -158,14 +194,20 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         ckpt = load_checkpoint(last)
         check_shape(ckpt.meta.get("shape", {}), shape, last)
         model.load_state_dict(ckpt.model_state)
+        if ckpt.meta.get("tokenizer_hash") != tokenizer.hash:
+            raise CheckpointError(f"checkpoint {last} was trained with another tokenizer than "
+                                  f"{tokenizer.path} (it was retrained since); start a new run")
         for opt, state in zip(optimizers, ckpt.train_state["optimizers"], strict=True):
-            opt.load_state_dict(state)
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(state)  # moments and step counts from the checkpoint ...
+            for group, setting in zip(opt.param_groups, settings, strict=True):
+                group.update(setting)  # ... learning rates, betas, decay from the config (flags may change them)
         loader.load_state_dict(ckpt.train_state["loader"])
         counters = Counters(**ckpt.train_state["counters"])
         torch.set_rng_state(ckpt.train_state["rng"]["torch"])
         if runtime.device.type == "cuda" and ckpt.train_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
     step_model = prepare_model(model, runtime)
 
     # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
@@ -233,6 +275,7 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     last_saved = counters.step if resume else -1
     val: dict[str, float] = {}
     step_model.train()
+    ctrl_c = StopAfterStep()
     try:
         while (progress := progress_of(cfg, counters)) < 1.0:
             # 1. learning rate for this step
@@ -284,24 +327,28 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
                 flush()  # metrics up to the checkpoint are durable before it exists
                 save(counters)
                 last_saved = counters.step
+            if ctrl_c.requested:  # finish the step, checkpoint it, stop: resuming repeats exactly what follows
+                flush()
+                path = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
+                raise KeyboardInterrupt(f"stopped after step {counters.step}, checkpoint {path}; "
+                                        f"continue with --resume {name}")
         flush()
         if not val or t.eval_every == 0 or counters.step % t.eval_every:
             val = validate()
         counters.wall_seconds = start_wall + time.perf_counter() - wall0
         counters.energy_j = start_energy + energy.joules()
         final = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
-    except KeyboardInterrupt:
-        flush()
-        if counters.step > max(last_saved, 0):
-            save(counters)
-        ledger.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
+    except KeyboardInterrupt as e:  # stopped at a step boundary (checkpointed), or a second Ctrl-C (not)
+        finish_quietly(ledger, run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
         raise
     except LmforgeError as e:
-        ledger.finish_run(run_id, "failed", error=str(e))
+        finish_quietly(ledger, run_id, "failed", str(e))
         raise
     except Exception as e:
-        ledger.finish_run(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        finish_quietly(ledger, run_id, "failed", f"{type(e).__name__}: {e}")
         raise
+    finally:
+        ctrl_c.restore()
 
     device_seconds = counters.wall_seconds * world_size
     cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, cfg.meter.carbon_g_per_kwh)
