@@ -119,13 +119,28 @@ def test_resume_without_checkpoint(prepared, capsys):
     one_line_error(*cli("train", "--resume", "hollow")[::2], r"has no checkpoint to resume from")
 
 
+def folder_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_checkpoint_from_a_different_shape(trained_run, capsys):
     workspace, run, data = trained_run
     copy = workspace / "runs" / "tiny-copy"
     shutil.copytree(workspace / "runs" / run, copy)
+    before = folder_digest(copy)
     cli = CLI(workspace, capsys)
     code, _, err = cli("train", "--resume", "tiny-copy", "--model.depth", "2", "--train.max_steps", "60")
     one_line_error(code, err, r"different model shape .*n_layer 1 vs 2")
+    assert folder_digest(copy) == before  # nothing damaged
+
+
+def test_failed_rebuild_leaves_the_corpus_intact(prepared, capsys):
+    workspace, _ = prepared
+    corpus = workspace / "corpora" / "src"
+    before = folder_digest(corpus)
+    code, _, err = CLI(workspace, capsys)("corpus", "build", "--data.source", "/no/such/dir", "--data.name", "src")
+    one_line_error(code, err, "does not exist")
+    assert folder_digest(corpus) == before
 
 
 def test_prompt_longer_than_context(trained_run, capsys):

@@ -78,11 +78,11 @@ import lmforge.train.loop as loop
 from lmforge.cli import main
 
 mode, point = sys.argv[1], int(sys.argv[2])
-if mode == "after-step":      # die between two steps, after `point` steps are done
+if mode in ("after-step", "ctrl-c"):  # SIGKILL between two steps / Ctrl-C as step `point` + 1 starts
     real = loop.lr_multiplier
     def lr_multiplier(step, *a, **k):
         if step == point:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if mode == "after-step" else signal.SIGINT)
         return real(step, *a, **k)
     loop.lr_multiplier = lr_multiplier
 elif mode == "mid-checkpoint":  # die inside the checkpoint write of step `point`, weights written, state not
@@ -94,7 +94,7 @@ elif mode == "mid-checkpoint":  # die inside the checkpoint write of step `point
             os.kill(os.getpid(), signal.SIGKILL)
         return real_write(path, data)
     ckpt._write_file = _write_file
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[3:]))  # mode "none": an ordinary run
 """
 
 
@@ -109,43 +109,38 @@ def test_sigkill_and_resume_repeat_the_uninterrupted_run(prepared):
     deterministic), and each resume must start from the checkpoint it should (not from scratch).
     """
     workspace, data = prepared
-    steps = ["--train.max_steps", "36", "--train.checkpoint_every", "6", "--train.eval_every", "12",
+    steps = ["--train.max_steps", "48", "--train.checkpoint_every", "6", "--train.eval_every", "12",
              "--train.log_every", "1"]
     assert main(["--workspace", str(workspace), "train", *data, *steps, "--name", "straight"]) == 0
     expected = losses(workspace, "straight")
-    assert len(expected) == 36
+    assert len(expected) == 48
     env = {**os.environ, "LMFORGE_HOME": str(workspace), "COLUMNS": "200"}
-    resume = [sys.executable, "-m", "lmforge", "train", "--resume", "killed"]
 
     # 1. killed while writing the step-12 checkpoint: the step-6 checkpoint must be the one resumed from
     proc = run_killer(workspace, "mid-checkpoint", 12, "train", *data, *steps, "--name", "killed")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     ckpts = workspace / "runs" / "killed" / "checkpoints"
     assert [p.name for p in ckpts.glob("step_*")] == ["step_00000006"] and list(ckpts.glob(".tmp-*"))
-    # 2. resumed, then killed between checkpoints (after step 21 of 36)
+    # 2. resumed, then killed between checkpoints (after step 21)
     proc = run_killer(workspace, "after-step", 21, "train", "--resume", "killed")
     assert proc.returncode == -signal.SIGKILL and "resumed at step 6" in proc.stderr, proc.stderr
-    # 3. resumed, then killed from outside at whatever moment the process has reached
-    child = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # 3. resumed, then killed from outside at whatever moment it has reached (26 steps before the end)
+    child = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--resume", "killed"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and max(losses(workspace, "killed")) < 26:
-        time.sleep(0.05)
+    while time.time() < deadline and max(losses(workspace, "killed")) < 22:
+        time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     assert "resumed at step 18" in child.communicate()[1]
     ledger = Ledger(workspace / "ledger.db")
     assert ledger.get_run("killed")["status"] == "crashed"
-    # 4. resumed, then Ctrl-C: it finishes the step, checkpoints it and stops
-    child = subprocess.Popen(resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    start = max(losses(workspace, "killed"))
-    while time.time() < deadline and max(losses(workspace, "killed")) < start + 2:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == 130 and "interrupted: stopped after step" in err, err
-    assert ledger.get_run("killed")["status"] == "interrupted"
+    # 4. resumed, then Ctrl-C as step 34 starts: it finishes step 34, checkpoints it and stops
+    proc = run_killer(workspace, "ctrl-c", 33, "train", "--resume", "killed")
+    assert proc.returncode == 130 and "interrupted: stopped after step 34" in proc.stderr, proc.stderr
+    assert (ckpts / "step_00000034").is_dir() and ledger.get_run("killed")["status"] == "interrupted"
     # 5. resumed to the end
-    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_killer(workspace, "none", 0, "train", "--resume", "killed")
+    assert proc.returncode == 0 and "resumed at step 34" in proc.stderr, proc.stderr
     assert ledger.get_run("killed")["status"] == "completed"
     assert losses(workspace, "killed") == expected
 

@@ -151,7 +151,10 @@ class MeterConfig:
         "on it are labelled estimates.",
     )
     price_per_hour: float = option(-1.0, "Price of one device-hour in USD (-1 = the profile's default).")
-    carbon_g_per_kwh: float = option(475.0, "Grid carbon intensity in g CO2 per kWh (default: world average, IEA).")
+    carbon_g_per_kwh: float = option(
+        -1.0, "Grid carbon intensity in g CO2 per kWh (-1 = the default in assets/devices.json: 475, the world "
+        "average per the IEA).",
+    )
 
 
 @dataclass
@@ -185,8 +188,7 @@ class RunConfig:
         non_negative = [("train", n) for n in ("max_steps", "max_tokens", "max_flops", "max_time", "eval_every",
                                                 "eval_batches", "checkpoint_every", "warmup_steps", "grad_clip",
                                                 "weight_decay", "threads", "matrix_lr")]
-        non_negative += [("tokenizer", "train_bytes"), ("meter", "peak_tflops"), ("meter", "power_watts"),
-                         ("meter", "carbon_g_per_kwh")]
+        non_negative += [("tokenizer", "train_bytes"), ("meter", "peak_tflops"), ("meter", "power_watts")]
         for section, name in non_negative:
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{flag(section, name)} must be >= 0, got {getattr(getattr(self, section), name)}")

@@ -36,7 +36,7 @@ from lmforge.data.shards import load_shards
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.meter.energy import footprint, make_energy_reader
-from lmforge.meter.hardware import describe_machine, resolve_profile
+from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine, resolve_profile
 from lmforge.meter.ledger import Ledger
 from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
 from lmforge.model.transformer import Transformer, TransformerShape
@@ -218,7 +218,9 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         price_per_hour=cfg.meter.price_per_hour if cfg.meter.price_per_hour >= 0 else None,
         cpu_threads=torch.get_num_threads(), probe_cache=workspace.probe_cache,
     )
-    peak = profile.peak_flops_for("bf16" if runtime.dtype == "bf16" else "fp32")
+    peak_dtype = "bf16" if runtime.dtype == "bf16" else "fp32"
+    peak = profile.peak_flops_for(peak_dtype)
+    carbon = cfg.meter.carbon_g_per_kwh if cfg.meter.carbon_g_per_kwh >= 0 else default_carbon_g_per_kwh()
     energy = make_energy_reader(runtime.device.type, runtime.device.index or 0, declared_watts=profile.tdp_watts)
     energy.start()
 
@@ -319,7 +321,7 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
                 flush()
             tok_per_s = tokens_per_step / step_seconds
             reporter.stepped({"step": counters.step, "loss": loss_value, "lr_mult": mult, "tok_per_s": tok_per_s,
-                              "mfu": fpt * tok_per_s / peak if peak else None, "progress": progress_of(cfg, counters)})
+                              "mfu": profile.mfu(fpt * tok_per_s, peak_dtype), "progress": progress_of(cfg, counters)})
             # 5. validation and checkpoints
             if t.eval_every and counters.step % t.eval_every == 0:
                 val = validate()
@@ -351,17 +353,17 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         ctrl_c.restore()
 
     device_seconds = counters.wall_seconds * world_size
-    cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, cfg.meter.carbon_g_per_kwh)
+    cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, carbon)
     tok_per_s = counters.tokens / counters.train_seconds if counters.train_seconds else 0.0
     summary = {
         "steps": counters.step, "tokens": counters.tokens, "flops": counters.flops,
         "params": params["total"], "non_embedding_params": params["non_embedding"],
         "train_seconds": counters.train_seconds, "wall_seconds": counters.wall_seconds,
-        "tok_per_s": tok_per_s, "mfu": fpt * tok_per_s / peak if peak else None, "peak_flops": peak,
+        "tok_per_s": tok_per_s, "mfu": profile.mfu(fpt * tok_per_s, peak_dtype), "peak_flops": peak,
         "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
         "energy_j": counters.energy_j, "energy_measured": energy.measured, "energy_label": energy.label,
         "kwh": cost["kwh"], "cost_usd": cost["cost_usd"], "co2_kg": cost["co2_kg"],
-        "price_per_hour": profile.price_per_hour, "carbon_g_per_kwh": cfg.meter.carbon_g_per_kwh,
+        "price_per_hour": profile.price_per_hour, "carbon_g_per_kwh": carbon,
         "device": str(runtime.device), "profile": profile.name, "checkpoint": str(final), "pid": os.getpid(),
     }
     ledger.finish_run(run_id, "completed", summary=summary)
