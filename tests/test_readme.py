@@ -56,8 +56,10 @@ def test_make_demo_runs_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for needle in ("corpus stdlib", "--- prompt 'def ' ---", "compute summary", "FLOPs", "MFU", "energy",
-                   "cost", "CO2", "bits/byte", "ESTIMATE"):
+    for needle in ("corpus stdlib", "validation split, all", "--- prompt 'def ' ---", "compute summary", "FLOPs",
+                   "MFU", "energy", "cost", "CO2", "bits/byte", "ESTIMATE"):
         assert needle in out, needle
-    runs = Ledger(tmp_path / "ledger.db").list_runs()
-    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["summary"]["tokens"] > 0
+    runs = {r["kind"]: r for r in Ledger(tmp_path / "ledger.db").list_runs()}
+    assert sorted(runs) == ["eval", "train"]
+    assert runs["train"]["status"] == "completed" and runs["train"]["summary"]["tokens"] > 0
+    assert runs["eval"]["summary"]["val_bpb"] > 0

@@ -19,7 +19,7 @@ from lmforge.workspace import Workspace
 
 # Results go to stdout (pipe-able); progress, status and errors to stderr.
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TYPE_NAMES = {int: "INT", float: "NUM", str: "TEXT", bool: "BOOL"}
 

@@ -6,6 +6,7 @@ import argparse
 
 from lmforge.checkpoint import load_model
 from lmforge.cli import corpus, prepare, tokenizer
+from lmforge.cli.eval import evaluate_checkpoint
 from lmforge.cli.common import add_config_arguments, config_from_args, err, out, packaged_config, workspace_of
 from lmforge.cli.runs import print_summary
 from lmforge.cli.train import ProgressReporter
@@ -39,20 +40,24 @@ def run(args: argparse.Namespace) -> int:
     cfg.require_stop_condition()
     err.print(f"[bold]lmforge demo[/] -> workspace {workspace.root}")
 
-    err.rule("1/5 corpus")
+    err.rule("1/6 corpus")
     stats = corpus.build(cfg, workspace)
     out.print(corpus.stats_table(cfg.data.corpus_name(), stats))
-    err.rule("2/5 tokenizer")
+    err.rule("2/6 tokenizer")
     tok = tokenizer.train(cfg, workspace)
     out.print(f"tokenizer: vocab {tok.vocab_size:,}, {tok.path}")
-    err.rule("3/5 shards")
+    err.rule("3/6 shards")
     index = prepare.prepare(cfg, workspace)
     out.print(prepare.shards_table(cfg.tokenizer_name(), index))
-    err.rule("4/5 train")
+    err.rule("4/6 train")
     with ProgressReporter() as reporter:
         result = train(cfg, workspace, reporter=reporter)
 
-    err.rule("5/5 samples")
+    err.rule("5/6 evaluate")
+    result_eval = evaluate_checkpoint(workspace, result.checkpoint, "val", device="cpu")
+    out.print(f"validation split, all {result_eval['tokens']:,} tokens: loss {result_eval['loss']:.4f} | "
+              f"{result_eval['bpb']:.4f} bits/byte")
+    err.rule("6/6 samples")
     loaded = load_model(result.checkpoint, "cpu")
     for prompt in PROMPTS:
         ids = [loaded.tokenizer.eot_id] + loaded.tokenizer.encode(prompt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from lmforge.meter.hardware import describe_machine
 from lmforge.meter.ledger import Ledger
 from lmforge.train.evaluate import evaluate
 from lmforge.train.runtime import Runtime, resolve_device
+from lmforge.workspace import Workspace
 
 HELP = "measure a checkpoint's loss and bits per byte on a data split"
 DESCRIPTION = """\
@@ -34,29 +36,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
-def run(args: argparse.Namespace) -> int:
-    workspace = workspace_of(args)
-    path = resolve_checkpoint(args.ckpt, workspace.runs_dir)
-    device = resolve_device(args.device)
+def evaluate_checkpoint(workspace: Workspace, path: Path, split: str = "val", batches: int = 0,
+                        batch_size: int = 0, device: str = "auto") -> dict:
+    """Evaluate a checkpoint on a split of its shards, with a progress bar; recorded in the ledger as an eval run."""
+    device = resolve_device(device)
     loaded = load_model(path, device)
     cfg = loaded.config
     shards = load_shards(workspace.shards_dir(cfg.tokenizer_name()), expected_tokenizer_hash=loaded.tokenizer.hash)
-    tokens = shards.tokens(args.split)
+    tokens = shards.tokens(split)
     runtime = Runtime(device, "bf16" if device.type == "cuda" else "fp32", compile=False)
-    batch_size = args.batch_size or cfg.train.batch_size
+    batch_size = batch_size or cfg.train.batch_size
     n_windows = (len(tokens) - 1) // cfg.model.seq_len
-    total = min(args.batches, n_windows // batch_size) if args.batches else -(-n_windows // batch_size)
+    total = min(batches, n_windows // batch_size) if batches else -(-n_windows // batch_size)
     token_bytes = torch.from_numpy(loaded.tokenizer.token_byte_lengths())
-    with progress_bar(f"eval {args.split}", total=total, unit="batches") as progress:
+    with progress_bar(f"eval {split}", total=total, unit="batches") as progress:
         result = evaluate(loaded.model, tokens, token_bytes, batch_size=batch_size, seq_len=cfg.model.seq_len,
-                          max_batches=args.batches or None, runtime=runtime, progress=progress)
+                          max_batches=batches or None, runtime=runtime, progress=progress)
     ledger = Ledger(workspace.ledger_path)
-    run_id = ledger.start_run(f"eval-{cfg.name}-step{loaded.step}-{args.split}-{uuid.uuid4().hex[:6]}", "eval",
+    run_id = ledger.start_run(f"eval-{cfg.name}-step{loaded.step}-{split}-{uuid.uuid4().hex[:6]}", "eval",
                               cfg.to_dict(), {**describe_machine(), "device": str(device)}, str(path))
-    summary = {f"{args.split}_loss": result["loss"], f"{args.split}_bpb": result["bpb"], "tokens": result["tokens"],
-               "checkpoint": str(path), "step": loaded.step}
-    ledger.log_metrics(run_id, loaded.step, {f"{args.split}_loss": result["loss"], f"{args.split}_bpb": result["bpb"]})
-    ledger.finish_run(run_id, "completed", summary=summary)
+    metrics = {f"{split}_loss": result["loss"], f"{split}_bpb": result["bpb"]}
+    ledger.log_metrics(run_id, loaded.step, metrics)
+    ledger.finish_run(run_id, "completed", summary={**metrics, "tokens": result["tokens"], "checkpoint": str(path),
+                                                    "step": loaded.step})
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    workspace = workspace_of(args)
+    path = resolve_checkpoint(args.ckpt, workspace.runs_dir)
+    result = evaluate_checkpoint(workspace, path, args.split, args.batches, args.batch_size, args.device)
     out.print(f"{path}: {args.split} loss {result['loss']:.4f} | {args.split} bpb {result['bpb']:.4f} "
               f"| {result['tokens']:,} tokens")
     return 0

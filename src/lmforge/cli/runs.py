@@ -48,7 +48,7 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
     """The compute summary of a finished training run: what it did, what it cost."""
     table = Table(title=f"compute summary: {name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths stay whole in a narrow terminal
     mfu = f"{s['mfu'] * 100:.1f}% of {human(s['peak_flops'])}FLOP/s" if s.get("mfu") is not None else "unknown peak"
     price = "no price known (--meter.price_per_hour)" if s.get("price_per_hour") is None else \
         f"at ${s['price_per_hour']}/device-hour"
