@@ -17,7 +17,7 @@ from lmforge.config import iter_fields
 from lmforge.meter.ledger import Ledger
 
 
-def one_line_error(code: int, err: str, pattern: str) -> None:
+def expect_one_line_error(code: int, err: str, pattern: str) -> None:
     import re
 
     assert code == 2, err
@@ -79,12 +79,12 @@ def test_summary_without_a_known_price_or_peak(capsys):
 # --- bad input -----------------------------------------------------------------------------------------------
 
 def test_missing_corpus_path(cli):
-    one_line_error(*cli("corpus", "build", "--data.source", "/no/such/dir")[::2], r"does not exist")
+    expect_one_line_error(*cli("corpus", "build", "--data.source", "/no/such/dir")[::2], r"does not exist")
 
 
 def test_empty_corpus_dir(cli, tmp_path):
     (tmp_path / "empty").mkdir()
-    one_line_error(*cli("corpus", "build", "--data.source", str(tmp_path / "empty"))[::2], r"no text documents")
+    expect_one_line_error(*cli("corpus", "build", "--data.source", str(tmp_path / "empty"))[::2], r"no text documents")
 
 
 def test_corpus_without_text(cli, tmp_path):
@@ -92,31 +92,31 @@ def test_corpus_without_text(cli, tmp_path):
     src.mkdir()
     (src / "a.bin").write_bytes(b"\x00\x01\x02" * 100)
     (src / "b.txt").write_text("   \n")
-    one_line_error(*cli("corpus", "build", "--data.source", str(src))[::2], r"no text documents.*binary")
+    expect_one_line_error(*cli("corpus", "build", "--data.source", str(src))[::2], r"no text documents.*binary")
 
 
 def test_vocab_too_large_for_token_dtype(cli):
     code, _, err = cli("prepare", "--tokenizer.vocab_size", "70000", "--data.token_dtype", "uint16")
-    one_line_error(code, err, r"does not fit --data.token_dtype uint16")
+    expect_one_line_error(code, err, r"does not fit --data.token_dtype uint16")
 
 
 def test_config_typo_on_command_line(cli):
-    one_line_error(*cli("train", "--model.dept", "3")[::2], r"unknown option --model.dept; did you mean --model.depth")
+    expect_one_line_error(*cli("train", "--model.dept", "3")[::2], r"unknown option --model.dept; did you mean --model.depth")
 
 
 def test_config_typo_in_yaml(cli, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_step: 10\n")
-    one_line_error(*cli("train", "--config", str(path))[::2], r"unknown config key 'train.max_step'.*'train.max_steps'")
+    expect_one_line_error(*cli("train", "--config", str(path))[::2], r"unknown config key 'train.max_step'.*'train.max_steps'")
 
 
 def test_resume_without_checkpoint(prepared, capsys):
     workspace, data = prepared
     cli = CLI(workspace, capsys)
-    one_line_error(*cli("train", "--resume", "never-ran")[::2], r"no run named 'never-ran' to resume")
+    expect_one_line_error(*cli("train", "--resume", "never-ran")[::2], r"no run named 'never-ran' to resume")
     (workspace / "runs" / "hollow").mkdir(parents=True)
     (workspace / "runs" / "hollow" / "config.yaml").write_text("name: hollow\ntrain:\n  max_steps: 5\n")
-    one_line_error(*cli("train", "--resume", "hollow")[::2], r"has no checkpoint to resume from")
+    expect_one_line_error(*cli("train", "--resume", "hollow")[::2], r"has no checkpoint to resume from")
 
 
 def folder_digest(folder: Path) -> dict[str, bytes]:
@@ -130,7 +130,7 @@ def test_checkpoint_from_a_different_shape(trained_run, capsys):
     before = folder_digest(copy)
     cli = CLI(workspace, capsys)
     code, _, err = cli("train", "--resume", "tiny-copy", "--model.depth", "2", "--train.max_steps", "60")
-    one_line_error(code, err, r"different model shape .*n_layer 1 vs 2")
+    expect_one_line_error(code, err, r"different model shape .*n_layer 1 vs 2")
     assert folder_digest(copy) == before  # nothing damaged
 
 
@@ -139,14 +139,14 @@ def test_failed_rebuild_leaves_the_corpus_intact(prepared, capsys):
     corpus = workspace / "corpora" / "src"
     before = folder_digest(corpus)
     code, _, err = CLI(workspace, capsys)("corpus", "build", "--data.source", "/no/such/dir", "--data.name", "src")
-    one_line_error(code, err, "does not exist")
+    expect_one_line_error(code, err, "does not exist")
     assert folder_digest(corpus) == before
 
 
 def test_prompt_longer_than_context(trained_run, capsys):
     workspace, run, _ = trained_run
     code, _, err = CLI(workspace, capsys)("generate", "--ckpt", run, "alpha beta " * 200)
-    one_line_error(code, err, r"prompt has \d+ tokens but the model's context is 64")
+    expect_one_line_error(code, err, r"prompt has \d+ tokens but the model's context is 64")
 
 
 def test_corrupted_checkpoint(trained_run, capsys):
@@ -159,9 +159,9 @@ def test_corrupted_checkpoint(trained_run, capsys):
     data[len(data) // 2] ^= 0x55
     weights.write_bytes(bytes(data))
     cli = CLI(workspace, capsys)
-    one_line_error(*cli("eval", "--ckpt", "tiny-corrupt")[::2], r"corrupted: model.safetensors fails its sha256")
+    expect_one_line_error(*cli("eval", "--ckpt", "tiny-corrupt")[::2], r"corrupted: model.safetensors fails its sha256")
     weights.write_bytes(bytes(data[:100]))
-    one_line_error(*cli("generate", "--ckpt", str(last), "x")[::2], r"has 100 bytes, expected \d+ \(truncated\?\)")
+    expect_one_line_error(*cli("generate", "--ckpt", str(last), "x")[::2], r"has 100 bytes, expected \d+ \(truncated\?\)")
 
 
 def test_truncated_and_corrupted_shard(prepared, tmp_path, capsys):
@@ -172,14 +172,14 @@ def test_truncated_and_corrupted_shard(prepared, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-3])
     cli = CLI(broken, capsys)
     code, _, err = cli("train", *data, "--train.max_steps", "2")
-    one_line_error(code, err, r"train.bin is \d+ bytes, expected \d+ \(truncated or overwritten\); re-run `lmforge prepare`")
+    expect_one_line_error(code, err, r"train.bin is \d+ bytes, expected \d+ \(truncated or overwritten\); re-run `lmforge prepare`")
     shutil.rmtree(broken / "shards")
     shutil.copytree(workspace / "shards", broken / "shards")
     data_bytes = bytearray(shard.read_bytes())
     data_bytes[10] ^= 0x01  # same size, different content
     shard.write_bytes(bytes(data_bytes))
     code, _, err = cli("train", *data, "--train.max_steps", "2")
-    one_line_error(code, err, r"train.bin has sha256 .* \(corrupted\); re-run `lmforge prepare`")
+    expect_one_line_error(code, err, r"train.bin has sha256 .* \(corrupted\); re-run `lmforge prepare`")
 
 
 def test_user_errors_exit_nonzero_without_traceback_in_a_real_process(tmp_path):

@@ -11,6 +11,7 @@ human `label`, and the ledger stores them next to the joules so a number can nev
 
 from __future__ import annotations
 
+import abc
 import time
 from pathlib import Path
 
@@ -21,21 +22,21 @@ class EnergyUnavailable(Exception):
     """This reader cannot work on this machine (no library, no counter, no permission)."""
 
 
-class EnergyReader:
+class EnergyReader(abc.ABC):
     """Energy used since start(), in joules."""
 
     source: str  # "nvml", "rapl" or "estimate"
     measured: bool
     label: str
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
     def sample(self) -> None:
         """Read the counters now; call it every training step (it is cheap) so no counter wrap is missed."""
 
-    def joules(self) -> float:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def joules(self) -> float: ...
 
 
 class NvmlEnergy(EnergyReader):

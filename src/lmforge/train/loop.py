@@ -180,8 +180,6 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     tokenizer_json = tokenizer.path.read_bytes()  # copied into every checkpoint: the folder serves on its own
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     # model and optimizers
     shape = model_shape(cfg, tokenizer.vocab_size)
     model = Transformer(shape)
@@ -207,7 +205,6 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         torch.set_rng_state(ckpt.train_state["rng"]["torch"])
         if runtime.device.type == "cuda" and ckpt.train_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
-    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
     step_model = prepare_model(model, runtime)
 
     # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
@@ -231,6 +228,9 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     hardware = {**describe_machine(), "device": str(runtime.device), "profile": profile.name,
                 "peak_flops": peak, "dtype": runtime.dtype, "compile": runtime.compile,
                 "threads": torch.get_num_threads(), "energy_source": energy.label}
+    # everything checked: only now does the run leave a trace (so a failed start can be retried under its name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
     if resume:
         run_id = ledger.get_run(name)["id"]
         ledger.resume_run(run_id)
