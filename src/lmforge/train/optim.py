@@ -87,7 +87,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str) -> li
     adamw_groups = [g for g in (dict(params=decayed, weight_decay=cfg.weight_decay),
                                 dict(params=plain, weight_decay=0.0)) if g["params"]]
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                              fused=device_type == "cuda")
+                              fused=device_type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if matrices:
         optimizers.append(Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
