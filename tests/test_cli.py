@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, TINY, flags, run_subprocess
+from conftest import CLI, run_subprocess
 from lmforge.cli import VERBS, main
 from lmforge.config import iter_fields
 from lmforge.meter.ledger import Ledger

@@ -13,9 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from conftest import REPO, flags
+from conftest import REPO
 from lmforge.cli import main
 from lmforge.data.shards import load_shards
 from lmforge.meter.ledger import Ledger

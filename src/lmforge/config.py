@@ -289,7 +289,7 @@ def parse_value(key: str, raw: Any, typ: type) -> Any:
 
 def unknown_key_error(key: str, where: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys are listed by `lmforge train --help`"
+    hint = f"; did you mean '{close[0]}'?" if close else "; valid keys are listed by `lmforge train --help`"
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 

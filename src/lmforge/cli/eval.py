@@ -10,6 +10,7 @@ import torch
 
 from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.cli.common import out, progress_bar, workspace_of
+from lmforge.data.loader import count_eval_batches
 from lmforge.data.shards import load_shards
 from lmforge.meter.hardware import describe_machine
 from lmforge.meter.ledger import Ledger
@@ -46,8 +47,7 @@ def evaluate_checkpoint(workspace: Workspace, path: Path, split: str = "val", ba
     tokens = shards.tokens(split)
     runtime = Runtime(device, "bf16" if device.type == "cuda" else "fp32", compile=False)
     batch_size = batch_size or cfg.train.batch_size
-    n_windows = (len(tokens) - 1) // cfg.model.seq_len
-    total = min(batches, n_windows // batch_size) if batches else -(-n_windows // batch_size)
+    total = count_eval_batches(tokens, batch_size, cfg.model.seq_len, batches or None)
     token_bytes = torch.from_numpy(loaded.tokenizer.token_byte_lengths())
     with progress_bar(f"eval {split}", total=total, unit="batches") as progress:
         result = evaluate(loaded.model, tokens, token_bytes, batch_size=batch_size, seq_len=cfg.model.seq_len,

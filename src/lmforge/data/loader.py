@@ -91,8 +91,14 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     seq_len+1 tokens yields nothing.
     """
     n_windows = max(len(tokens) - 1, 0) // seq_len
-    for i, first in enumerate(range(0, n_windows, batch_size)):
+    for i, first in enumerate(range(0, n_windows, batch_size)):  # count_eval_batches(...) of them
         if max_batches is not None and i >= max_batches:
             return
         starts = np.arange(first, min(first + batch_size, n_windows), dtype=np.int64) * seq_len  # (B,)
         yield _windows(tokens, starts, seq_len)
+
+
+def count_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None) -> int:
+    """How many batches iter_eval_batches yields (for a progress bar's total)."""
+    n_batches = -(-(max(len(tokens) - 1, 0) // seq_len) // batch_size)
+    return n_batches if max_batches is None else min(n_batches, max_batches)

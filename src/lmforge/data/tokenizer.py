@@ -9,7 +9,7 @@ On disk a tokenizer is a folder with `tokenizer.json` (the HF format) and `meta.
 import codecs
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.atomic import write_file_atomic
 from lmforge.errors import ConfigError, DataError
 
-Progress = Callable[[int, int | None], None]
 
 # The document boundary comes first (id 0); the chat roles are reserved now so that chat fine-tuning later does
 # not change the ids of a pretrained model.
@@ -53,14 +52,12 @@ def train_tokenizer(
     out_dir: Path,
     *,
     min_frequency: int = 2,
-    total: int | None = None,
-    progress: Progress | None = None,
 ) -> "Tokenizer":
     """Train a byte-level BPE on `texts` and write `out_dir/tokenizer.json` + `out_dir/meta.json`.
 
     A corpus too small to yield `vocab_size` tokens gives a smaller vocabulary; `meta.json` records both, and
-    `Tokenizer.vocab_size` is the actual one (the size a model must use). `progress` advances by one per text
-    read, out of `total` if given; the merge phase that follows reports nothing.
+    `Tokenizer.vocab_size` is the actual one (the size a model must use). To show progress, wrap `texts` in an
+    iterator that reports what it yields (the CLI does).
     """
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ConfigError(f"--tokenizer.vocab_size {vocab_size} is out of range; it must be at least "
@@ -77,13 +74,7 @@ def train_tokenizer(
         show_progress=False,
     )
 
-    def counted(texts: Iterable[str]) -> Iterator[str]:
-        for text in texts:
-            yield text
-            if progress is not None:
-                progress(1, total)
-
-    hf.train_from_iterator(counted(texts), trainer=trainer)
+    hf.train_from_iterator(texts, trainer=trainer)
     for i, token in enumerate(SPECIAL_TOKENS):
         if hf.token_to_id(token) != i:
             raise RuntimeError(f"special token {token} got id {hf.token_to_id(token)}, expected {i}")

@@ -43,7 +43,7 @@ from lmforge.model.transformer import Transformer, TransformerShape
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
-from lmforge.train.runtime import Runtime, prepare_model, setup_runtime
+from lmforge.train.runtime import prepare_model, setup_runtime
 from lmforge.train.schedule import lr_multiplier
 from lmforge.workspace import Workspace
 
