@@ -136,7 +136,8 @@ class TrainConfig:
     )
     threads: int = option(0, "CPU threads for torch (0 = every core).")
     deterministic: bool = option(
-        True, "Use deterministic kernels so a resumed run repeats an uninterrupted one bit for bit (fp32 on CPU)."
+        True, "Use deterministic kernels on CPU, so a resumed run repeats an uninterrupted one bit for bit. GPU runs "
+        "always take the fastest kernels (bf16 and compiled kernels do not repeat bit for bit anyway)."
     )
 
 

@@ -102,14 +102,22 @@ def show_run(ledger: Ledger, ref: str) -> None:
         out.print("result: " + ", ".join(f"{k}={v}" for k, v in r["summary"].items()))
     hw = r.get("hardware") or {}
     out.print("hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()))
-    metrics = ledger.get_metrics(r["id"])
-    evals = [(step, value) for step, name, value in metrics if name == "val_bpb"]
-    losses = [(step, value) for step, name, value in metrics if name == "loss"]
+    metrics: dict[int, dict[str, float]] = {}
+    for step, name, value in ledger.get_metrics(r["id"]):
+        metrics.setdefault(step, {})[name] = value
+    losses = [(step, m["loss"]) for step, m in metrics.items() if "loss" in m]
     if losses:
         out.print(f"train loss: step {losses[0][0]} {losses[0][1]:.4f} -> step {losses[-1][0]} {losses[-1][1]:.4f} "
                   f"({len(losses)} steps recorded)")
+    evals = [(step, m) for step, m in metrics.items() if "val_bpb" in m]
     if evals:
-        out.print("val bpb: " + ", ".join(f"{step}: {value:.4f}" for step, value in evals))
+        table = Table(title="validation", title_justify="left")
+        for column in ("step", "tokens", "time", "train loss", "val loss", "val bpb"):
+            table.add_column(column, justify="right")
+        for step, m in evals:
+            table.add_row(f"{step:,}", human(m.get("tokens")), duration(m.get("time")),
+                          *(f"{m[k]:.4f}" if k in m else "-" for k in ("loss", "val_loss", "val_bpb")))
+        out.print(table)
     for a in ledger.get_artifacts(r["id"])[-5:]:
         out.print(f"artifact: {a['kind']} {a['path']}")
     if r.get("config"):

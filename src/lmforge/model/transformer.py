@@ -151,19 +151,21 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
 
         # enable_gqa lets SDPA share each key/value head across its query group without materialising copies;
-        # on CPU it measured faster than repeating k and v (flash kernel, torch 2.13)
+        # on CPU it measured faster than repeating k and v (flash kernel, torch 2.13). Plain multi-head
+        # attention does not ask for it, so every SDPA backend stays eligible.
+        gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, K, S, D), S = start_pos + T
             if T == 1:  # decoding: the one new query sees every cached position
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             elif start_pos == 0:  # prefill: plain causal attention
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:  # a chunk after cached tokens: causal mask aligned to the bottom-right
                 S = k.size(2)
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)  # (T, S)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -295,10 +297,11 @@ class Transformer(nn.Module):
             if last_only:
                 x = x[:, -1:, :]  # (B, 1, C)
             return self.lm_head(x)  # (B, T, V)
-        if reduction == "mean" and torch.is_grad_enabled():
-            # training: projection + loss fused in cache-sized chunks, never holding (B*T, V) logits (model/loss.py)
+        if reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu":
+            # training on CPU: projection + loss fused in cache-sized chunks, never holding (B*T, V) logits
+            # (model/loss.py); on GPU torch.compile fuses the plain path below into a few kernels instead
             return linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
-        # evaluation: .float() is a no-op in fp32 and upcasts autocast's bf16 logits for a stable loss
+        # .float() is a no-op in fp32 and upcasts autocast's bf16 logits for a stable loss
         logits = self.lm_head(x).view(B * T, -1)  # (B*T, V)
         loss = F.cross_entropy(logits.float(), targets.reshape(B * T), ignore_index=-100, reduction=reduction)
         return loss if reduction == "mean" else loss.view(B, T)

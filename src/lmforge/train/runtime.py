@@ -46,8 +46,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         raise ConfigError("this GPU has no bf16 support; use --train.dtype fp32")
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on GPU
     torch.backends.cudnn.allow_tf32 = True
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if cfg.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, dtype=dtype, compile=compile_on)
 
