@@ -106,6 +106,39 @@ def test_kv_cache_decoding_matches_full_forward(qk_norm):
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_ragged_rows_in_one_cache_match_each_sequence_alone(qk_norm):
+    # continuous batching: rows prefilled together with different prompt lengths (padded), then decoded together
+    # from their own positions, and a cache view of some rows, all agree with each sequence's full forward
+    model = tiny_model(qk_norm=qk_norm)
+    seqs = [torch.randint(0, 97, (n,)) for n in (5, 11, 8)]
+    lengths = torch.tensor([3, 9, 6])  # prompt lengths; the rest is decoded one token per step
+    cache = model.new_kv_cache(batch_size=4)  # one row more than needed: views must leave it alone
+    view = cache.rows(0, 3)
+    prompts = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        prompts[i, :n] = seqs[i][:n]
+    got = [[] for _ in seqs]
+    first = model(prompts, kv_cache=view, start_pos=torch.zeros(3, dtype=torch.long), logits_at=lengths - 1)
+    for i in range(3):
+        got[i].append(first[i, 0])
+    pos = lengths.clone()
+    while True:
+        live = [i for i in range(3) if pos[i] < len(seqs[i])]
+        if not live:
+            break
+        step_in = torch.stack([seqs[i][min(pos[i], len(seqs[i]) - 1)] for i in range(3)])[:, None]  # (3, 1)
+        out = model(step_in, kv_cache=view, start_pos=pos)
+        for i in live:
+            got[i].append(out[i, 0])
+        pos = torch.minimum(pos + 1, torch.tensor([len(s) for s in seqs]))
+    for i, seq in enumerate(seqs):
+        full = model(seq[None])[0]  # (T, V)
+        want = full[lengths[i] - 1:]
+        assert torch.allclose(torch.stack(got[i]), want, atol=1e-5), i
+    assert cache.k[:, 3].abs().sum() == 0
+
+
 def test_tied_embeddings_share_storage():
     model = tiny_model(tie_embeddings=True)
     assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()

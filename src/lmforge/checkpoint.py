@@ -34,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from lmforge.atomic import fsync_path
 from lmforge.config import RunConfig, config_from_dict
+from lmforge.data.chat import CHAT_TEMPLATE_FILE, DEFAULT_CHAT_TEMPLATE
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.model.transformer import Transformer, TransformerShape
@@ -101,6 +102,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model_state: dict[str, tor
             STATE: _write_file(tmp / STATE, state_buffer.getvalue()),
             CONFIG: _write_file(tmp / CONFIG, config_yaml.encode()),
             TOKENIZER: _write_file(tmp / TOKENIZER, tokenizer_json),
+            CHAT_TEMPLATE_FILE: _write_file(tmp / CHAT_TEMPLATE_FILE, DEFAULT_CHAT_TEMPLATE.encode()),
         }
         meta = {"format_version": FORMAT_VERSION, "step": step, "files": files, "aliases": aliases, **extra_meta}
         _write_file(tmp / META, json.dumps(meta, indent=2).encode())
@@ -223,6 +225,7 @@ class LoadedModel:
     config: RunConfig
     path: Path
     step: int
+    chat_template: str
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -234,4 +237,6 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     model = Transformer(shape)
     model.load_state_dict(ckpt.model_state)
     model.to(device).eval()
-    return LoadedModel(model, Tokenizer.load(path), config, path, ckpt.step)
+    chat = ckpt.meta["files"].get(CHAT_TEMPLATE_FILE)  # checkpoints from before chat templates use the default
+    template = _read_verified(path, CHAT_TEMPLATE_FILE, chat).decode() if chat else DEFAULT_CHAT_TEMPLATE
+    return LoadedModel(model, Tokenizer.load(path), config, path, ckpt.step, template)

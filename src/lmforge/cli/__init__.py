@@ -27,6 +27,7 @@ VERBS = {
     "eval": "lmforge.cli.eval",
     "generate": "lmforge.cli.generate",
     "runs": "lmforge.cli.runs",
+    "serve": "lmforge.cli.serve",
 }
 
 

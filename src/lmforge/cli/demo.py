@@ -67,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         out.print(prompt + loaded.tokenizer.decode(new), markup=False)
     print_summary(result.run_name, result.summary)
     out.print(f"\nrun folder: {result.run_dir}\nnext:\n  lmforge runs show {result.run_name}\n"
-              f"  lmforge generate --ckpt {result.run_name} \"def fib(n):\"\n  lmforge eval --ckpt {result.run_name}")
+              f"  lmforge generate --ckpt {result.run_name} \"def fib(n):\"\n  lmforge eval --ckpt {result.run_name}\n"
+              f"  lmforge serve --ckpt {result.run_name}    # OpenAI-compatible API on http://127.0.0.1:8000/v1")
     return 0

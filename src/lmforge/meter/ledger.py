@@ -319,6 +319,23 @@ class Ledger:
             rows = conn.execute(query + " ORDER BY step, name", args).fetchall()
         return [(step, metric, math.nan if value is None else value) for step, metric, value in rows]
 
+    def log_requests(self, run_id: int | None, rows: list[dict[str, Any]]) -> None:
+        """Served requests, one dict per request with the requests table's columns (besides id and run_id)."""
+        columns = ("created_at", "model", "prompt_tokens", "completion_tokens", "flops", "device_seconds",
+                   "energy_j", "status")
+        with self._db(write=True) as conn:
+            conn.executemany(
+                f"INSERT INTO requests (run_id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})",
+                [(run_id, *(row.get(c) for c in columns)) for row in rows],
+            )
+
+    def get_requests(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM requests", ()
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", (run_id,)
+        with self._db() as conn:
+            return [dict(row) for row in conn.execute(query + " ORDER BY id", args).fetchall()]
+
     def add_artifact(
         self, run_id: int, kind: str, path: str | Path, sha256: str | None = None, nbytes: int | None = None
     ) -> None:

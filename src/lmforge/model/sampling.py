@@ -46,6 +46,7 @@ def sample_next(
         sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p; the most likely token always stays
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # (a top_p below float32's resolution would otherwise drop every token)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)

@@ -97,32 +97,66 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat((angles.cos(), angles.cos()), dim=-1), persistent=False)  # (., D)
         self.register_buffer("sin", torch.cat((-angles.sin(), angles.sin()), dim=-1), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        # x: (B, T, n, D) for any head count n
+    def forward(self, x: torch.Tensor, start_pos: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, n, D) for any head count n; positions (B, T) when rows sit at different positions
         T = x.size(1)
-        cos = self.cos[start_pos : start_pos + T, None, :].to(x.dtype)  # (T, 1, D)
-        sin = self.sin[start_pos : start_pos + T, None, :].to(x.dtype)
+        if positions is None:
+            cos = self.cos[start_pos : start_pos + T, None, :].to(x.dtype)  # (T, 1, D)
+            sin = self.sin[start_pos : start_pos + T, None, :].to(x.dtype)
+        else:
+            cos = self.cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, D)
+            sin = self.sin[positions][:, :, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # (B, T, n, D/2) each
         return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class KVCache:
-    """Pre-allocated keys and values for incremental decoding: (n_layer, B, K, max_len, D) each."""
+    """Pre-allocated keys and values for incremental decoding: (n_layer, B, K, max_len, D) each.
+
+    Row b holds one sequence. With an int start_pos every row is at the same position (plain generation); with a
+    (B,) tensor of start positions each row is at its own (continuous batching, where sequences join and leave
+    a running batch). `rows(a, b)` is a view of rows a..b-1 that shares the storage. `attend_len`, when the caller
+    sets it, bounds the positions attention reads in that mode (one past the furthest position of any row).
+    """
+
+    attend_len: int | None = None
 
     def __init__(
         self, shape: TransformerShape, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
     ):
-        self.batch_size = batch_size
-        self.max_len = max_len
         size = (shape.n_layer, batch_size, shape.n_kv_head, max_len, shape.head_dim)
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        return view
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at positions start_pos.. and return all keys/values so far (B, K, S, D)."""
         end = start_pos + k.size(2)
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_ragged(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at each row's own positions (B, T); return keys/values (B, K, S, D) for
+        S = attend_len positions (all of them when unset: no shape then depends on the data)."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
+        self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
+        end = self.attend_len or self.max_len
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -140,14 +174,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, start_pos), rotary(k, start_pos)
+        q, k = rotary(q, start_pos, positions), rotary(k, start_pos, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
 
         # enable_gqa lets SDPA share each key/value head across its query group without materialising copies;
@@ -156,6 +191,16 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif positions is not None:  # rows at their own positions: each query sees its row's keys up to itself
+            k, v = kv_cache.update_ragged(self.layer, positions, k, v)  # (B, K, S, D)
+            # written out rather than SDPA with a mask, which on CPU costs ~30x more for one query per row;
+            # queries are grouped per key/value head: (B, K, G*T, D) against (B, K, S, D)
+            G, K, S = self.n_head // self.n_kv_head, self.n_kv_head, k.size(2)
+            q = q.reshape(B, K, G * T, self.head_dim)
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, K, G*T, S)
+            visible = torch.arange(S, device=q.device) <= positions.repeat(1, G)[:, None, :, None]  # (B,1,G*T,S)
+            y = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v  # (B, K, G*T, D)
+            y = y.view(B, self.n_head, T, self.head_dim)
         else:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, K, S, D), S = start_pos + T
             if T == 1:  # decoding: the one new query sees every cached position
@@ -193,8 +238,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(shape.d_model, shape.norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, start_pos, kv_cache)
+    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, start_pos, kv_cache, positions)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -257,20 +303,32 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         reduction: str = "mean",
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T), or the cross-entropy against targets (B, T).
 
         targets: next-token ids; positions equal to -100 are ignored. reduction="mean" returns a float32 scalar,
         "none" the float32 per-token losses (B, T) with 0 at ignored positions (for bits-per-byte evaluation).
         kv_cache/start_pos: incremental decoding; idx holds the tokens at positions start_pos.. start_pos+T-1.
+            A (B,) tensor start_pos puts each row at its own position (continuous batching); rows shorter than T
+            are padded at the end, and their padding is written to the cache where later tokens overwrite it.
         last_only: return logits for the last position only, (B, 1, V) (saves the lm_head over a long prompt).
+        logits_at: (B,) index into T per row: return logits for that one position of each row, (B, 1, V)
+            (the last real token of padded rows).
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, time >= 1; got {tuple(idx.shape)}")
         B, T = idx.size()
+        positions = None
+        if isinstance(start_pos, torch.Tensor):  # the caller keeps each row's positions below kv_cache.max_len
+            if kv_cache is None or start_pos.shape != (B,):
+                raise ValueError(f"per-row start positions need a kv_cache and shape ({B},), "
+                                 f"got {tuple(start_pos.shape)}")
+            positions = start_pos.to(idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            start_pos = 0
         if start_pos + T > self.shape.max_seq_len:
             raise ValueError(
                 f"sequence of {start_pos + T} tokens exceeds the model's context of {self.shape.max_seq_len}; "
@@ -290,12 +348,14 @@ class Transformer(nn.Module):
 
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, self.rotary, start_pos, kv_cache)
+            x = block(x, self.rotary, start_pos, kv_cache, positions)
         x = self.norm(x)
 
         if targets is None:
             if last_only:
                 x = x[:, -1:, :]  # (B, 1, C)
+            elif logits_at is not None:
+                x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None, :]  # (B, 1, C)
             return self.lm_head(x)  # (B, T, V)
         if reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu":
             # training on CPU: projection + loss fused in cache-sized chunks, never holding (B*T, V) logits

@@ -1,0 +1,799 @@
+"""The inference engine: continuous batching over a pool of KV-cache rows, per-request sampling, accounting.
+
+No HTTP in here. A caller submits a prompt with its SamplingParams and reads events from the returned handle
+(`async for` inside an event loop, or `.result()` from plain code); the engine runs one thread that repeats:
+
+    1. drop cancelled and timed-out requests; admit waiting requests while free rows last (FIFO)
+    2. prefill the admitted sequences together (prompts padded to one length) and sample their first tokens
+    3. decode one token for every running sequence in one batched forward pass, each row at its own position
+    4. retire finished sequences at once, moving the last row into the hole so running rows stay 0..B-1
+
+A request with n choices runs as n sequences. Greedy output does not depend on what else is in the batch: every
+row's arithmetic is the same whatever the other rows hold (the attention mask hides other lengths), which the
+tests check against each request run alone.
+
+Accounting: each forward pass's wall time and energy are shared among its sequences by the tokens each fed in;
+FLOPs are counted per token at its position. Finished requests go to the ledger's requests table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import torch
+
+from lmforge.checkpoint import LoadedModel, load_model
+from lmforge.data.chat import END_OF_TURN, render_chat
+from lmforge.errors import LmforgeError
+from lmforge.meter.energy import make_energy_reader
+from lmforge.meter.hardware import resolve_profile
+from lmforge.meter.ledger import Ledger
+from lmforge.model.sampling import sample_next
+from lmforge.model.sizing import forward_flops_per_token
+from lmforge.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+GREEDY_BELOW = 1e-5  # temperatures this small act as greedy (dividing logits by them overflows)
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # keeps the per-token stop-string check cheap
+POWER_WINDOW_S = 0.1  # the energy counter is read at most this often
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (HTTP 400); the message names the problem and the fix."""
+
+
+class Overloaded(Exception):
+    """The waiting queue is full (HTTP 429); retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class EngineConfig:
+    max_concurrency: int = 16  # sequences decoded together (rows of the KV-cache pool)
+    max_queue: int = 64  # requests waiting beyond that; more get Overloaded
+    queue_timeout: float = 30.0  # seconds a request may wait for a row before it fails
+    kv_cache_mb: float = 0.0  # cap on the pool's memory; 0 = max_concurrency full-context rows
+    device: str = "auto"
+    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+
+    def validate(self) -> None:
+        for name in ("max_concurrency", "max_queue"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.queue_timeout <= 0 or self.kv_cache_mb < 0:
+            raise LmforgeError("--queue-timeout must be > 0 and --kv-cache-mb >= 0")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = 16  # None = up to the end of the context
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None = no log-probabilities; k >= 0 = the chosen token's and the top k
+    echo: bool = False  # return the prompt (and, with logprobs, its tokens' log-probabilities) first
+    ignore_eos: bool = False  # keep going past <|endoftext|> (benchmarks)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's text (bytes decoded with replacement)
+    logprob: float | None  # None for the first prompt token, which nothing predicts
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+
+
+@dataclass
+class Prefilled:
+    """First event of every request: the prompt as the model saw it (for echo)."""
+    prompt_text: str
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class Delta:
+    """New text of one choice; finish_reason ('stop' or 'length') on its last delta."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    flops: float
+    device_seconds: float
+    energy_joules: float
+    energy_measured: bool
+    queue_seconds: float
+    time_to_first_token: float | None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Finished:
+    """Last event of a request that completed."""
+    usage: Usage
+
+
+@dataclass
+class Failed:
+    """Last event of a request that could not complete (e.g. it waited too long for a row)."""
+    status: int
+    message: str
+
+
+Event = Prefilled | Delta | Finished | Failed
+
+
+@dataclass
+class Result:
+    """Everything a finished request produced, collected (what `RequestHandle.result()` returns)."""
+    prompt: Prefilled
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprob] | None]
+    finish_reasons: list[str | None]
+    usage: Usage
+
+
+def _put_all(items: list[tuple[RequestHandle, Event]]) -> None:
+    for handle, event in items:
+        handle._put(event)
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate events (async inside a loop, else `result()`), or cancel."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None):
+        self._request = request
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._sync_queue: queue.SimpleQueue | None = None if loop else queue.SimpleQueue()
+        self.done = False
+
+    @property
+    def id(self) -> str:
+        return self._request.id
+
+    def _put(self, event: Event) -> None:  # in the caller's loop (or any thread for a blocking handle)
+        if self._async_queue is not None:
+            self._async_queue.put_nowait(event)
+        else:
+            self._sync_queue.put(event)
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the request's rows before its next decode step."""
+        self._request.cancelled = True
+
+    def poll(self) -> Event | None:
+        """The next event if one is already here, else None (never waits)."""
+        if self.done:
+            return None
+        try:
+            event = self._async_queue.get_nowait() if self._async_queue is not None else self._sync_queue.get_nowait()
+        except (asyncio.QueueEmpty, queue.Empty):
+            return None
+        self.done = isinstance(event, (Finished, Failed))
+        return event
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.done:
+            raise StopAsyncIteration
+        event = await self._async_queue.get()
+        self.done = isinstance(event, (Finished, Failed))
+        return event
+
+    def events(self, timeout: float | None = None):
+        """Blocking iteration for callers without an event loop."""
+        while not self.done:
+            event = self._sync_queue.get(timeout=timeout)
+            self.done = isinstance(event, (Finished, Failed))
+            yield event
+
+    def result(self, timeout: float | None = None) -> Result:
+        prompt, texts, ids, logprobs, reasons = None, {}, {}, {}, {}
+        for event in self.events(timeout):
+            if isinstance(event, Prefilled):
+                prompt = event
+            elif isinstance(event, Delta):
+                texts[event.index] = texts.get(event.index, "") + event.text
+                ids.setdefault(event.index, []).extend(event.token_ids)
+                if event.logprobs is not None:
+                    logprobs.setdefault(event.index, []).extend(event.logprobs)
+                reasons[event.index] = event.finish_reason
+            elif isinstance(event, Failed):
+                raise LmforgeError(f"request failed ({event.status}): {event.message}")
+            else:
+                n = self._request.params.n
+                return Result(prompt, [texts.get(i, "") for i in range(n)], [ids.get(i, []) for i in range(n)],
+                              [logprobs.get(i) for i in range(n)], [reasons.get(i) for i in range(n)], event.usage)
+        raise LmforgeError("request ended without a result")
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrived: float
+    handle: RequestHandle | None = None
+    cancelled: bool = False
+    admitted: float | None = None
+    first_token: float | None = None
+    open_choices: int = 0
+    completion_tokens: int = 0
+    flops: float = 0.0
+    device_seconds: float = 0.0
+    energy_j: float = 0.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one request, living in a KV-cache row while it runs."""
+    request: Request
+    index: int
+    generator: torch.Generator
+    decoder: Any  # the tokenizer's incremental UTF-8 decoder
+    cached: int = 0  # positions of this row filled in the KV cache
+    last_token: int = -1  # sampled, not yet fed to the model
+    out_ids: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # (V,) how often each token was generated, for the penalties
+    text: str = ""  # generated text so far, including what is held back
+    token_ends: list[int] = field(default_factory=list)  # len(text) after each generated token
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent_tokens: int = 0
+    last_emit: float = 0.0
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Continuous batching over one model; thread-safe `submit`, one worker thread."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, *, model_id: str | None = None,
+                 ledger: Ledger | None = None, run_id: int | None = None, metrics: ServeMetrics | None = None,
+                 power_watts: float | None = None):
+        config.validate()
+        self.config = config
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = model_id or loaded.config.name or loaded.path.parent.parent.name
+        self.created = int(time.time())
+        self.shape = self.model.shape
+        self.context_len = self.shape.max_seq_len
+        self.device = self.model.embed.weight.device
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and config.dtype in ("auto", "bf16") else \
+            torch.float32
+        if self.dtype != self.model.embed.weight.dtype:
+            self.model.to(self.dtype)
+        self.chat_template = loaded.chat_template
+        self.metrics = metrics or ServeMetrics()
+        self.ledger, self.run_id = ledger, run_id
+        self.eos_id = self.tokenizer.eot_id
+        self.chat_stop_token_ids = (self.tokenizer.special_ids[END_OF_TURN],)
+
+        row_bytes = 2 * self.shape.n_layer * self.shape.n_kv_head * self.context_len * self.shape.head_dim * \
+            (2 if self.dtype == torch.bfloat16 else 4)
+        rows = config.max_concurrency
+        if config.kv_cache_mb:
+            rows = min(rows, int(config.kv_cache_mb * 2**20 // row_bytes))
+            if rows < 1:
+                raise LmforgeError(f"--kv-cache-mb {config.kv_cache_mb} is less than one sequence's KV cache "
+                                   f"({row_bytes / 2**20:.2f} MB at context {self.context_len}); raise it")
+        self.slots = rows
+        self.kv_cache_bytes = rows * row_bytes
+        self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
+        self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
+        self._flops_per_key = forward_flops_per_token(self.shape, 1) - self._flops_base  # plus this per key
+        self.metrics.slots.set(rows)
+
+        self._token_text = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Sequence] = []  # row i of the cache holds _running[i]
+        self._finished_rows: list[dict[str, Any]] = []  # for the ledger
+        self._outbox: list[tuple[Request, Event]] = []  # events of the current step, delivered at its end
+        self._wake = threading.Condition()
+        self._stop = False
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        # the device profile: declared power (for the estimate where nothing measures) and price
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        profile = resolve_profile(self.device.type, name, peak_tflops=1.0)  # (a peak skips the CPU probe)
+        power_watts = power_watts or profile.tdp_watts
+        self.price_per_hour = profile.price_per_hour
+        self._energy = make_energy_reader(self.device.type, self.device.index or 0, declared_watts=power_watts)
+        self.energy_measured = self._energy.measured
+        self.energy_label = self._energy.label
+        self._watts = power_watts  # until the first window closes
+        self._window_start, self._window_joules = time.monotonic(), 0.0
+        self._flushed = time.monotonic()
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config: EngineConfig, **kwargs) -> Engine:
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(load_model(path, device), config, **kwargs)
+
+    # ---- the caller's side -------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Run the engine in a new thread (tests, embedding); `lmforge serve` uses `run` instead."""
+        self._energy.start()
+        self._power(restart=True)
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Run the engine in this thread until `stop()` (from another thread) or Ctrl-C.
+
+        The main thread is the fast place on a CPU: torch's OpenMP workers serve the main thread's small matmuls
+        about twice as fast as another thread's (measured with 2 threads, torch 2.13; bench/RESULTS.md).
+        """
+        self._energy.start()
+        self._power(restart=True)
+        self._thread = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._flush_ledger()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._flush_ledger()
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for chat messages ([{"role", "content"}]) under the checkpoint's chat template."""
+        try:
+            return render_chat(self.chat_template, messages, self.tokenizer)
+        except jinja2.TemplateError as e:
+            raise InvalidRequest(f"cannot apply the chat template to these messages: {e}") from None
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest naming what is wrong with the request, before it is queued."""
+        p = params
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty; send at least one character or token")
+        if len(prompt_ids) > self.context_len:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                 f"{self.context_len}; shorten the prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.vocab_size:
+            raise InvalidRequest(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1}")
+        if p.max_tokens is not None:
+            if p.max_tokens < 0:
+                raise InvalidRequest(f"max_tokens must be >= 0, got {p.max_tokens}")
+            if p.max_tokens == 0 and not p.echo:
+                raise InvalidRequest("max_tokens 0 generates nothing; it is only useful with echo")
+            if len(prompt_ids) + p.max_tokens > self.context_len:
+                raise InvalidRequest(
+                    f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the model's "
+                    f"context of {self.context_len} tokens; ask for at most {self.context_len - len(prompt_ids)}")
+        if not (math.isfinite(p.temperature) and 0 <= p.temperature <= MAX_TEMPERATURE):
+            raise InvalidRequest(f"temperature must lie in 0..{MAX_TEMPERATURE:g} (0 = greedy), got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must lie in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(p, name) <= 2:
+                raise InvalidRequest(f"{name} must lie in -2..2, got {getattr(p, name)}")
+        if len(p.stop) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in p.stop):
+            raise InvalidRequest(f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                                 f"characters each")
+        if not 1 <= p.n <= self.slots:
+            raise InvalidRequest(f"n must lie in 1..{self.slots} (this server's sequence slots), got {p.n}")
+        if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+            raise InvalidRequest(f"logprobs must lie in 0..20, got {p.logprobs}")
+        if p.echo and p.n > 1:
+            raise InvalidRequest("echo with n > 1 is not supported; send n = 1")
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request; its events arrive on the handle. Raises InvalidRequest or Overloaded."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check(prompt_ids, params)
+        if self._thread is not None and not self.alive and not self._stop:
+            raise LmforgeError(f"the engine is not running (last error: {self.error})")
+        request = Request(f"req-{next(self._ids)}-{secrets.token_hex(4)}", prompt_ids, params, time.monotonic())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        request.handle = RequestHandle(request, loop)
+        with self._wake:
+            if len(self._waiting) >= self.config.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(f"the server is at capacity ({self.slots} running, {len(self._waiting)} "
+                                 f"waiting); retry shortly", retry_after=1)
+            self._waiting.append(request)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._wake.notify()
+        return request.handle
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, timeout: float | None = None) -> Result:
+        """Submit and wait: the engine called directly, without HTTP."""
+        return self.submit(prompt, params).result(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (a failed step fails its requests but does not stop it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        with self._wake:
+            return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.slots}
+
+    # ---- the worker thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not self._waiting and not self._running:
+                        self._wake.wait(timeout=1.0)
+                        self._flush_ledger_if_due()
+                        self._power(restart=True)
+                    if self._stop:
+                        return
+                    admitted = self._admit()
+                try:
+                    self._step(admitted)
+                except Exception as e:  # a bug or a failing device: fail the requests in flight, keep serving
+                    log.exception("engine step failed")
+                    self.error = e
+                    failed = {id(s.request): s.request for s in self._running + admitted}
+                    for request in failed.values():
+                        self._fail(request, 500, f"internal error: {type(e).__name__}: {e}")
+                    self._running.clear()
+                self._deliver()
+                self._flush_ledger_if_due()
+
+    def _step(self, admitted: list[Sequence]) -> None:
+        self._drop_cancelled()
+        self._retire()
+        if admitted:
+            self._prefill(admitted)
+            self._retire()
+        if self._running:
+            self._decode()
+            self._retire()
+
+    def _admit(self) -> list[Sequence]:
+        """Called with the lock held: time out, drop or admit waiting requests (FIFO) while rows are free."""
+        now = time.monotonic()
+        admitted: list[Sequence] = []
+        free = self.slots - len(self._running)
+        kept: collections.deque[Request] = collections.deque()
+        while self._waiting:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                self.metrics.cancelled.inc()
+                self._record(request, "cancelled")
+                self._send(request, Finished(self._usage(request, now)))
+                continue
+            if now - request.arrived > self.config.queue_timeout:
+                self.metrics.rejected.labels("queue_timeout").inc()
+                self._fail(request, 429, f"waited {self.config.queue_timeout:g} s for a free slot without "
+                                         f"getting one; the server is overloaded, retry later")
+                continue
+            if kept or request.params.n > free:  # FIFO: nobody overtakes a request that does not fit yet
+                kept.append(request)
+                continue
+            free -= request.params.n
+            request.admitted, request.open_choices = now, request.params.n
+            for index in range(request.params.n):
+                seed = request.params.seed
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(secrets.randbits(63) if seed is None else (seed + index) % 2**63)
+                admitted.append(Sequence(request, index, generator, self.tokenizer.decode_stream()))
+        self._waiting = kept
+        self.metrics.queue_depth.set(len(kept))
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for seq in self._running:
+            if seq.request.cancelled and seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run the new sequences' prompts together (padded to the longest) and sample each one's first token."""
+        start = time.perf_counter()
+        first_row = len(self._running)
+        self._running.extend(seqs)
+        lengths = [len(s.request.prompt_ids) for s in seqs]
+        T = max(lengths)
+        idx = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            idx[i, : lengths[i]] = torch.tensor(s.request.prompt_ids)
+        idx = idx.to(self.device)
+        last = torch.tensor(lengths) - 1
+        view = self.cache.rows(first_row, first_row + len(seqs))
+        view.attend_len = T
+        zeros = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        echo = [s.request.params.echo and s.request.params.logprobs is not None and s.index == 0 for s in seqs]
+        if any(echo):  # prompt log-probabilities need every position's logits
+            full = self.model(idx, kv_cache=view, start_pos=zeros).float()  # (B, T, V)
+            logits = full[torch.arange(len(seqs)), last.to(self.device)]  # (B, V)
+        else:
+            full = None
+            logits = self.model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0].float()  # (B, V)
+        for s, n in zip(seqs, lengths):
+            s.cached = n
+        tokens = self._sample(seqs, logits)
+        self._account(seqs, lengths, time.perf_counter() - start)
+        for i, s in enumerate(seqs):
+            if s.index == 0:
+                prompt_logprobs = self._prompt_logprobs(s.request, full[i]) if echo[i] else None
+                self._send(s.request, Prefilled(self.tokenizer.decode(s.request.prompt_ids),
+                                                 list(s.request.prompt_ids), prompt_logprobs))
+                self.metrics.prompt_tokens.inc(lengths[i])
+        self._append(seqs, tokens, logits)
+
+    def _decode(self) -> None:
+        """Feed every running sequence its last token at its own position; sample the next."""
+        start = time.perf_counter()
+        seqs = self._running
+        idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+        view = self.cache.rows(0, len(seqs))
+        view.attend_len = max(s.cached for s in seqs) + 1
+        logits = self.model(idx, kv_cache=view, start_pos=positions)[:, 0].float()  # (B, V)
+        for s in seqs:
+            s.cached += 1
+        tokens = self._sample(seqs, logits)
+        self._account(seqs, [1] * len(seqs), time.perf_counter() - start)
+        self._append(seqs, tokens, logits)
+
+    def _power(self, restart: bool = False) -> float:
+        """Watts of the device while busy: the energy counter's average over the last window of >= 0.1 s.
+
+        Reading the counter every step would cost more than a small model's step (an NVML read takes
+        milliseconds), so steps are charged this average power times their duration. restart=True (on waking
+        from idle) starts a new window, so idle time never dilutes the busy power.
+        """
+        now = time.monotonic()
+        if restart or now - self._window_start >= POWER_WINDOW_S:
+            self._energy.sample()
+            joules = self._energy.joules()
+            if not restart and now > self._window_start:
+                self._watts = (joules - self._window_joules) / (now - self._window_start)
+            self._window_start, self._window_joules = now, joules
+        return self._watts
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per sequence from its row of logits (B, V), with its own penalties, settings and RNG."""
+        adjusted = logits
+        if any(s.counts is not None for s in seqs):
+            adjusted = logits.clone()
+            for i, s in enumerate(seqs):
+                if s.counts is not None:
+                    p = s.request.params
+                    adjusted[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0)
+        greedy = [i for i, s in enumerate(seqs) if s.request.params.temperature < GREEDY_BELOW]
+        tokens = [0] * len(seqs)
+        if greedy:
+            chosen = adjusted[greedy].argmax(dim=-1).tolist()
+            for i, t in zip(greedy, chosen):
+                tokens[i] = t
+        for i, s in enumerate(seqs):
+            p = s.request.params
+            if p.temperature < GREEDY_BELOW:
+                continue
+            tokens[i] = int(sample_next(adjusted[i : i + 1], temperature=p.temperature, top_k=p.top_k or None,
+                                        top_p=p.top_p if p.top_p < 1 else None, generator=s.generator))
+        return tokens
+
+    def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor) -> None:
+        """Record each sequence's new token: logprobs, penalties, text, stop conditions, events."""
+        want_logprobs = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
+        logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
+        now = time.monotonic()
+        for i, (s, token) in enumerate(zip(seqs, tokens)):
+            p, request = s.request.params, s.request
+            if request.first_token is None:
+                request.first_token = now
+                self.metrics.ttft.observe(now - request.arrived)
+            elif s.last_emit:
+                self.metrics.itl.observe(now - s.last_emit)
+            s.last_emit = now
+            request.completion_tokens += 1
+            s.last_token = token
+            if p.presence_penalty or p.frequency_penalty:
+                if s.counts is None:
+                    s.counts = torch.zeros(logits.size(-1), device=logits.device)
+                s.counts[token] += 1
+            if p.max_tokens == 0:  # echo only: the prompt was scored, nothing is generated
+                request.completion_tokens -= 1
+                s.finish_reason = "length"
+            elif token == self.eos_id and not p.ignore_eos or token in p.stop_token_ids:
+                s.finish_reason = "stop"  # the stop token itself is neither text nor a returned token
+            else:
+                s.out_ids.append(token)
+                s.text += s.decoder.push(token)
+                s.token_ends.append(len(s.text))
+                if logprobs is not None and p.logprobs is not None:
+                    s.logprobs.append(self._token_logprob(logprobs[want_logprobs.index(i)], token, p.logprobs))
+                if p.max_tokens is not None and len(s.out_ids) >= p.max_tokens or s.cached + 1 >= self.context_len:
+                    s.finish_reason = "length"
+            self._emit(s)
+        self.metrics.completion_tokens.inc(sum(1 for s in seqs if s.request.params.max_tokens != 0))
+
+    def _emit(self, s: Sequence) -> None:
+        """Send the sequence's new text: all of it at the end, else all but what may start a stop string."""
+        cut = None
+        if s.request.params.stop:
+            first = min((s.text.find(stop) for stop in s.request.params.stop if stop in s.text), default=-1)
+            if first >= 0:
+                cut, s.finish_reason = first, "stop"
+        if s.finish_reason is not None:
+            if cut is None:
+                s.text += s.decoder.flush()
+                cut = len(s.text)
+            # the tokens that start before the cut (a token straddling a stop string is returned, its text cut)
+            end_token = sum(1 for j in range(len(s.token_ends)) if (s.token_ends[j - 1] if j else 0) < cut)
+            end_token = max(end_token, s.sent_tokens)
+        else:
+            hold = max((k for stop in s.request.params.stop for k in range(1, len(stop))
+                        if s.text.endswith(stop[:k])), default=0)
+            safe = len(s.text) - hold
+            end_token = s.sent_tokens
+            while end_token < len(s.token_ends) and s.token_ends[end_token] <= safe:
+                end_token += 1
+            cut = s.token_ends[end_token - 1] if end_token else 0
+        start_char = s.token_ends[s.sent_tokens - 1] if s.sent_tokens else 0
+        if end_token == s.sent_tokens and s.finish_reason is None:
+            return
+        text = s.text[start_char:cut] if cut >= start_char else ""
+        ids = s.out_ids[s.sent_tokens:end_token]
+        lps = s.logprobs[s.sent_tokens:end_token] if s.request.params.logprobs is not None else None
+        s.sent_tokens = max(end_token, s.sent_tokens)
+        self._send(s.request, Delta(s.index, text, ids, lps, s.finish_reason))
+
+    def _token_logprob(self, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        return TokenLogprob(token, self._token_text[token], float(logprobs[token]),
+                            [(j, self._token_text[j], v) for j, v in zip(ids.tolist(), values.tolist())])
+
+    def _prompt_logprobs(self, request: Request, full_logits: torch.Tensor) -> list[TokenLogprob]:
+        ids = request.prompt_ids
+        logprobs = full_logits[: len(ids) - 1].log_softmax(dim=-1)  # position t predicts token t + 1
+        top = request.params.logprobs or 0
+        out = [TokenLogprob(ids[0], self._token_text[ids[0]], None)]
+        out += [self._token_logprob(logprobs[t], ids[t + 1], top) for t in range(len(ids) - 1)]
+        return out
+
+    def _account(self, seqs: list[Sequence], fed: list[int], seconds: float) -> None:
+        """Share one forward pass's time and energy among its sequences by tokens fed; count FLOPs per token."""
+        energy = self._power() * seconds
+        total = sum(fed)
+        flops = 0.0
+        for s, n in zip(seqs, fed):
+            share = n / total
+            r = s.request
+            r.device_seconds += seconds * share
+            r.energy_j += energy * share
+            # a prompt counts a full n x n attention (PaLM's convention, as in training); a decoded token attends
+            # to its position's worth of keys
+            f = n * (self._flops_base + self._flops_per_key * (n if n > 1 else s.cached))
+            r.flops += f
+            flops += f
+        self.metrics.flops.inc(flops)
+        self.metrics.device_seconds.inc(seconds)
+        self.metrics.energy.labels("measured" if self.energy_measured else "estimate").inc(max(energy, 0.0))
+        self.metrics.running.set(len(self._running))
+
+    def _retire(self) -> None:
+        """Take finished sequences out; the last running row moves into each hole (KV rows copied)."""
+        row = 0
+        while row < len(self._running):
+            s = self._running[row]
+            if s.finish_reason is None:
+                row += 1
+                continue
+            last = len(self._running) - 1
+            if row != last:
+                self.cache.k[:, row] = self.cache.k[:, last]
+                self.cache.v[:, row] = self.cache.v[:, last]
+                self._running[row] = self._running[last]
+            self._running.pop()
+            self._close_choice(s)
+        self.metrics.running.set(len(self._running))
+
+    def _close_choice(self, s: Sequence) -> None:
+        r = s.request
+        r.open_choices -= 1
+        if r.open_choices:
+            return
+        if r.cancelled:
+            self.metrics.cancelled.inc()
+        now = time.monotonic()
+        self.metrics.latency.observe(now - r.arrived)
+        self._record(r, "cancelled" if r.cancelled else "completed")
+        self._send(r, Finished(self._usage(r, now)))
+
+    def _usage(self, r: Request, now: float) -> Usage:
+        return Usage(len(r.prompt_ids), r.completion_tokens, r.flops, r.device_seconds, r.energy_j,
+                     self.energy_measured, (r.admitted or now) - r.arrived,
+                     None if r.first_token is None else r.first_token - r.arrived)
+
+    def _record(self, r: Request, status: str) -> None:
+        """A ledger row for a request that ended (written in batches by _flush_ledger)."""
+        self._finished_rows.append(dict(created_at=time.time(), model=self.model_id,
+                                        prompt_tokens=len(r.prompt_ids), completion_tokens=r.completion_tokens,
+                                        flops=r.flops, device_seconds=r.device_seconds, energy_j=r.energy_j,
+                                        status=status))
+
+    def _fail(self, request: Request, status: int, message: str) -> None:
+        self._record(request, f"failed:{status}")
+        self._send(request, Failed(status, message))
+
+    def _send(self, request: Request, event: Event) -> None:
+        self._outbox.append((request, event))
+
+    def _deliver(self) -> None:
+        """Hand this step's events to their callers: one wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+        for request, event in self._outbox:
+            handle = request.handle
+            if handle._loop is None:
+                handle._put(event)
+            else:
+                by_loop.setdefault(handle._loop, []).append((handle, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for handle, _ in items:
+                    handle._request.cancelled = True
+
+    def _flush_ledger_if_due(self) -> None:
+        now = time.monotonic()
+        if self._finished_rows and (len(self._finished_rows) >= 64 or now - self._flushed > 1.0):
+            self._flush_ledger()
+
+    def _flush_ledger(self) -> None:
+        self._flushed = time.monotonic()
+        rows, self._finished_rows = self._finished_rows, []
+        if self.ledger is not None and rows:
+            self.ledger.log_requests(self.run_id, rows)

@@ -1,0 +1,49 @@
+"""The server's Prometheus metrics, in one registry per server (so tests can run several in one process).
+
+The engine observes tokens, latencies, queue depth, running sequences and energy; the HTTP layer counts requests
+by route and status. `GET /metrics` renders `ServeMetrics.render()` in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lmforge_requests", "HTTP requests answered, by route and status code",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed (prefill)", registry=r)
+        self.completion_tokens = Counter("lmforge_completion_tokens", "Tokens generated", registry=r)
+        self.queue_depth = Gauge("lmforge_queue_depth", "Requests waiting for a free sequence slot", registry=r)
+        self.running = Gauge("lmforge_running_sequences", "Sequences in the running batch", registry=r)
+        self.slots = Gauge("lmforge_sequence_slots", "Sequence slots (KV-cache rows) in the pool", registry=r)
+        self.ttft = Histogram("lmforge_time_to_first_token_seconds", "From arrival to the first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lmforge_inter_token_latency_seconds", "Between consecutive tokens of one sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("lmforge_request_latency_seconds", "From arrival to the last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.flops = Counter("lmforge_flops", "Model FLOPs spent on requests (forward passes)", registry=r)
+        self.device_seconds = Counter("lmforge_device_seconds", "Device time spent in forward passes", registry=r)
+        self.energy = Counter("lmforge_energy_joules", "Energy of the forward passes; source 'measured' or "
+                              "'estimate' (declared power x time)", ["source"], registry=r)
+        self.cancelled = Counter("lmforge_cancelled_requests", "Requests cancelled (client gone) before finishing",
+                                 registry=r)
+        self.rejected = Counter("lmforge_rejected_requests", "Requests refused by backpressure, by reason",
+                                ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
