@@ -26,13 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmforge.serve.engine import SamplingParams, TokenLogprob, Usage
+from lmforge.serve.engine import MAX_STOP_CHARS, SamplingParams, TokenLogprob, Usage
 
-GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (vLLM's rule): dividing logits by ~0 overflows
-# top_p is raised to at least this: it keeps the likeliest token alone either way (for vocabularies up to 100k),
-# while a top_p that rounds to 0 in float32 would drop every token and leave nothing to sample
-MIN_TOP_P = 1e-5
-MAX_STOP_CHARS = 256  # stop strings are matched against the tail of the text after every token
 MAX_IGNORED_NAMED = 20  # the ignored-params header names at most this many fields
 IGNORED_PARAMS_HEADER = "X-Lmforge-Ignored-Params"
 UNION_MEMBER = re.compile(r"str|int|float|bool|none|list\[.*\]|[A-Z]\w*")  # how pydantic names union members in locs
@@ -91,7 +86,7 @@ class _Request(BaseModel):
 
     def _sampling(self, **kwargs: Any) -> SamplingParams:
         return SamplingParams(
-            temperature=0.0 if self.temperature < GREEDY_BELOW else self.temperature, top_p=max(self.top_p, MIN_TOP_P),
+            temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, stop=tuple(self.stop), seed=self.seed, n=self.n,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos, **kwargs)
