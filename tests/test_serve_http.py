@@ -459,6 +459,36 @@ def test_hundreds_of_concurrent_connections(http, url, engine):
     assert http.post("/v1/completions", json=body).status_code == 200
 
 
+def test_64_simultaneous_streams_equal_each_request_alone(trained_run):
+    engine = new_engine(trained_run[0], max_concurrency=64, max_queue=64)
+    prompts = [f"def {a}_{b}(" for a in ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")
+               for b in ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    try:
+        alone = [engine.generate(p, params).texts[0] for p in prompts]
+        with running(create_app(engine)) as base:
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+            async def stream(prompt: str) -> tuple[str, str | None]:
+                text, reason = "", None
+                async for chunk in await client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                                                   temperature=0, stream=True):
+                    text += chunk.choices[0].text
+                    reason = chunk.choices[0].finish_reason or reason
+                return text, reason
+
+            async def all_at_once():
+                results = await asyncio.gather(*(stream(p) for p in prompts))
+                await client.close()
+                return results
+
+            together = asyncio.run(all_at_once())
+        assert len(together) == 64 and all(reason in ("stop", "length") for _, reason in together)
+        assert [text for text, _ in together] == alone
+    finally:
+        engine.stop()
+
+
 def test_metrics_count_every_response(http, engine):
     http.post("/v1/completions", json={"model": "tiny", "prompt": "def", "max_tokens": 1})
     http.post("/v1/completions", content=b"{")
