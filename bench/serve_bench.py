@@ -434,7 +434,9 @@ def main() -> None:
     del loaded  # the server and the engine load their own copies
     engine = None
     if args.engine:
-        engine = Engine.from_checkpoint(ckpt, EngineConfig(max_concurrency=args.concurrency, device=args.device))
+        engine = Engine.from_checkpoint(ckpt, EngineConfig(max_concurrency=args.concurrency, device=args.device,
+                                                           compile=args.device == "cpu"))  # as `lmforge serve`
+        engine.warm_up()
         engine.start()
     try:
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device) as server:

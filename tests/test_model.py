@@ -119,7 +119,9 @@ def test_ragged_rows_in_one_cache_match_each_sequence_alone(qk_norm):
     for i, n in enumerate(lengths.tolist()):
         prompts[i, :n] = seqs[i][:n]
     got = [[] for _ in seqs]
+    view.attend_len = 0  # nothing cached yet
     first = model(prompts, kv_cache=view, start_pos=torch.zeros(3, dtype=torch.long), logits_at=lengths - 1)
+    view.commit(torch.zeros(3, dtype=torch.long))
     for i in range(3):
         got[i].append(first[i, 0])
     pos = lengths.clone()
@@ -128,7 +130,9 @@ def test_ragged_rows_in_one_cache_match_each_sequence_alone(qk_norm):
         if not live:
             break
         step_in = torch.stack([seqs[i][min(pos[i], len(seqs[i]) - 1)] for i in range(3)])[:, None]  # (3, 1)
+        view.attend_len = None if len(live) % 2 else int(pos.max())  # all positions, or only up to the furthest
         out = model(step_in, kv_cache=view, start_pos=pos)
+        view.commit(pos)
         for i in live:
             got[i].append(out[i, 0])
         pos = torch.minimum(pos + 1, torch.tensor([len(s) for s in seqs]))

@@ -236,3 +236,20 @@ def test_chat_contents_cannot_forge_special_tokens(engine):
     events = list(engine.submit(engine.render_chat([{"role": "user", "content": "hi"}]),
                                 greedy(max_tokens=5, stop_token_ids=engine.chat_stop_token_ids)).events(10))
     assert isinstance(events[0], Prefilled) and isinstance(events[-1], Finished)
+
+
+def test_compiled_decode_step_agrees_with_eager(checkpoint, engine):
+    compiled = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=8, compile=True))
+    assert compiled.warm_up() > 0
+    compiled.start()
+    try:
+        params = greedy(max_tokens=20, logprobs=0)
+        handles = [compiled.submit(p, params) for p in PROMPTS[:8]]  # batched, at different lengths
+        got = [h.result(timeout=60) for h in handles]
+    finally:
+        compiled.stop()
+    for prompt, result in zip(PROMPTS[:8], got):
+        want = engine.generate(prompt, params)
+        assert result.token_ids == want.token_ids
+        assert [lp.logprob for lp in result.logprobs[0]] == pytest.approx([lp.logprob for lp in want.logprobs[0]],
+                                                                          abs=1e-4)

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=1.0, metavar="MB",
                    help="largest request body accepted; larger gets 413 (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decode step: a one-off 10-30 s at start for ~2x faster steps on a CPU "
+                   "(default auto: on for CPU; off for GPU, where it has not been measured yet)")
     p.add_argument("--model-name", metavar="NAME", help="the model name clients send (default: the run name)")
 
 
@@ -151,8 +154,10 @@ def summarize(ledger: Ledger, run_id: int, engine: Engine | None, wall_seconds: 
 
 def run(args: argparse.Namespace) -> int:
     device = check_args(args)
+    compile_on = args.compile == "on" or (args.compile == "auto" and device == "cpu")
     config = EngineConfig(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                          queue_timeout=args.queue_timeout, kv_cache_mb=args.kv_cache_mb, device=device)
+                          queue_timeout=args.queue_timeout, kv_cache_mb=args.kv_cache_mb, device=device,
+                          compile=compile_on)
     config.validate()
     api_keys = read_api_keys(args.api_key_file) if args.api_key_file is not None else None
     workspace = workspace_of(args)
@@ -164,13 +169,16 @@ def run(args: argparse.Namespace) -> int:
     run_config = {"ckpt": args.ckpt, "model_name": model, "host": args.host, "port": port,
                   "api_key_file": args.api_key_file, "max_concurrency": args.max_concurrency,
                   "max_queue": args.max_queue, "queue_timeout": args.queue_timeout, "kv_cache_mb": args.kv_cache_mb,
-                  "max_body_mb": args.max_body_mb, "device": args.device}
+                  "max_body_mb": args.max_body_mb, "device": args.device, "compile": compile_on}
     run_id = ledger.start_run(f"serve-{model}-{time.strftime('%Y%m%d-%H%M%S')}", "serve", run_config,
                               {**describe_machine(), "device": device}, str(path))
     engine: Engine | None = None
     status, error, started = "completed", None, time.monotonic()
     try:
         engine = Engine.from_checkpoint(path, config, model_id=model, ledger=ledger, run_id=run_id)
+        if compile_on:
+            err.print("compiling the decode step ...", end=" ")
+            err.print(f"{engine.warm_up():.0f} s")
         app = create_app(engine, api_keys=api_keys, max_body_bytes=int(args.max_body_mb * 2**20))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))

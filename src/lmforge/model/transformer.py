@@ -113,10 +113,12 @@ class Rotary(nn.Module):
 class KVCache:
     """Pre-allocated keys and values for incremental decoding: (n_layer, B, K, max_len, D) each.
 
-    Row b holds one sequence. With an int start_pos every row is at the same position (plain generation); with a
-    (B,) tensor of start positions each row is at its own (continuous batching, where sequences join and leave
-    a running batch). `rows(a, b)` is a view of rows a..b-1 that shares the storage. `attend_len`, when the caller
-    sets it, bounds the positions attention reads in that mode (one past the furthest position of any row).
+    Row b holds one sequence. With an int start_pos every row is at the same position (plain generation), and the
+    forward pass writes the new keys and values itself. With a (B,) tensor of start positions each row is at its
+    own (continuous batching, where sequences join and leave a running batch): the pass only reads the cache and
+    stages its new keys and values, and the caller writes them with `commit(start_pos)`. A pass that never writes
+    its inputs is one torch.compile traces without copying the cache. `attend_len` bounds the cached positions
+    such a pass reads (the furthest row start; default all); `rows(a, b)` is a view of rows a..b-1.
     """
 
     attend_len: int | None = None
@@ -127,6 +129,7 @@ class KVCache:
         size = (shape.n_layer, batch_size, shape.n_kv_head, max_len, shape.head_dim)
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
+        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -138,7 +141,7 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.k, view.v, view.staged = self.k[:, start:stop], self.v[:, start:stop], {}
         return view
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,16 +151,22 @@ class KVCache:
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def update_ragged(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) at each row's own positions (B, T); return keys/values (B, K, S, D) for
-        S = attend_len positions (all of them when unset: no shape then depends on the data)."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
-        self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
-        self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
-        end = self.attend_len or self.max_len
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values (B, K, S, D) a pass with per-row positions reads, S = attend_len."""
+        end = self.max_len if self.attend_len is None else self.attend_len
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.staged[layer] = (k, v)  # (B, K, T, D) each
+
+    def commit(self, start_pos: torch.Tensor) -> None:
+        """Write the staged keys and values of the last pass at each row's positions start_pos[b] + 0..T-1."""
+        for layer, (k, v) in self.staged.items():
+            positions = start_pos.to(k.device)[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
+            self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
+        self.staged.clear()
 
 
 class Attention(nn.Module):
@@ -191,15 +200,21 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif positions is not None:  # rows at their own positions: each query sees its row's keys up to itself
-            k, v = kv_cache.update_ragged(self.layer, positions, k, v)  # (B, K, S, D)
-            # written out rather than SDPA with a mask, which on CPU costs ~30x more for one query per row;
-            # queries are grouped per key/value head: (B, K, G*T, D) against (B, K, S, D)
-            G, K, S = self.n_head // self.n_kv_head, self.n_kv_head, k.size(2)
-            q = q.reshape(B, K, G * T, self.head_dim)
-            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, K, G*T, S)
-            visible = torch.arange(S, device=q.device) <= positions.repeat(1, G)[:, None, :, None]  # (B,1,G*T,S)
-            y = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v  # (B, K, G*T, D)
+        elif positions is not None:  # rows at their own positions (continuous batching)
+            # each query sees its row's cached keys (those before the row's start) and the new keys up to its
+            # own; the new keys are staged, not written (see KVCache). Written out rather than SDPA with a mask,
+            # which on CPU costs ~30x more for one query per row. Queries are grouped per key/value head.
+            k_old, v_old = kv_cache.read(self.layer)  # (B, K, S, D)
+            kv_cache.stage(self.layer, k, v)
+            G, K, S = self.n_head // self.n_kv_head, self.n_kv_head, k_old.size(2)
+            q = q.reshape(B, K, G * T, self.head_dim)  # row g*T + t is query head g of the group, time t
+            scale = self.head_dim**-0.5
+            before_start = torch.arange(S, device=q.device) < positions[:, :1]  # (B, S)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(G, 1)  # (G*T, T)
+            old = ((q @ k_old.transpose(-1, -2)) * scale).masked_fill(~before_start[:, None, None, :], float("-inf"))
+            new = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))  # (B, K, G*T, T)
+            p = torch.cat((old, new), dim=-1).softmax(dim=-1)  # (B, K, G*T, S + T)
+            y = p[..., :S] @ v_old + p[..., S:] @ v  # (B, K, G*T, D)
             y = y.view(B, self.n_head, T, self.head_dim)
         else:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, K, S, D), S = start_pos + T
