@@ -213,7 +213,7 @@ class Attention(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(G, 1)  # (G*T, T)
             old = ((q @ k_old.transpose(-1, -2)) * scale).masked_fill(~before_start[:, None, None, :], float("-inf"))
             new = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))  # (B, K, G*T, T)
-            p = torch.cat((old, new), dim=-1).softmax(dim=-1)  # (B, K, G*T, S + T)
+            p = torch.cat((old, new), dim=-1).float().softmax(dim=-1).to(q.dtype)  # (B, K, G*T, S + T), fp32 sums
             y = p[..., :S] @ v_old + p[..., S:] @ v  # (B, K, G*T, D)
             y = y.view(B, self.n_head, T, self.head_dim)
         else:
