@@ -28,6 +28,7 @@ VERBS = {
     "generate": "lmforge.cli.generate",
     "runs": "lmforge.cli.runs",
     "serve": "lmforge.cli.serve",
+    "guard": "lmforge.cli.guard",
 }
 
 
