@@ -9,13 +9,14 @@ request costs the server before admission). Targets on a CPU: p50 <= 5 ms (rules
 """
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from lmforge.guard.evaluate import load_records, percentile, shipped_devset
 from lmforge.guard.guard import Guard
-from lmforge.guard.policy import load_policy, policy_from_dict
+from lmforge.guard.policy import load_policy
 from lmforge.meter.hardware import cpu_model
 
 TARGETS_MS = {"rules + pii": 5.0, "rules + pii + semantic": 20.0}
@@ -30,9 +31,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     texts = [r["text"] for r in load_records(shipped_devset())]
     default = load_policy()
-    raw = {"detectors": {k: v for k, v in default.detectors.items() if k != "semantic"},
-           "categories": {k: vars(v) for k, v in default.categories.items()}, "default": vars(default.default)}
-    configs = {"rules + pii": policy_from_dict(raw, "rules+pii"), "rules + pii + semantic": default}
+    fast = dataclasses.replace(default, detectors={k: v for k, v in default.detectors.items() if k != "semantic"})
+    configs = {"rules + pii": fast, "rules + pii + semantic": default}
     print(f"machine: {cpu_model()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {len(texts)} prompts (median {sorted(map(len, texts))[len(texts) // 2]}"
           f" characters), one at a time\n")

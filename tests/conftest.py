@@ -6,13 +6,14 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ["COLUMNS"] = "200"  # rich tables are as wide as a terminal; tests are not one
-from lmforge.cli import main  # noqa: E402
+from lmforge.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,29 @@ def write_learnable_corpus(root: Path, n_files: int = 60, seed: int = 0) -> Path
             lines += [f"def {a}_{b}({a}, {b}):", f"    total = {a} {op} {b}", f"    return total {op} {n}", ""]
         (root / f"mod_{i:03d}.py").write_text("\n".join(lines))
     return root
+
+
+def wait_until(condition, seconds: float = 3.0) -> bool:
+    """Poll `condition` until it holds or `seconds` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def expect_one_line_error(code: int, err: str, pattern: str, *, only_line: bool = False) -> None:
+    """A user error: exit 2, no traceback, and a last line 'error: ...' matching `pattern` (the only line when
+    only_line)."""
+    import re
+
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), err
+    assert not only_line or len(lines) == 1, err
+    assert "Traceback" not in err
+    assert re.search(pattern, " ".join(lines[-1:])), f"{pattern!r} not in {lines[-1]!r}"
 
 
 class CLI:

@@ -10,21 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CLI, expect_one_line_error, run_subprocess
 
-from conftest import CLI, run_subprocess
 from lmforge.cli import VERBS, main
 from lmforge.config import iter_fields
 from lmforge.meter.ledger import Ledger
-
-
-def expect_one_line_error(code: int, err: str, pattern: str) -> None:
-    import re
-
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:"), err
-    assert "Traceback" not in err
-    assert re.search(pattern, " ".join(lines[-1:])), f"{pattern!r} not in {lines[-1]!r}"
 
 
 def test_help_lists_every_verb(capsys):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import wait_until
 
 from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
@@ -40,15 +41,6 @@ def engine(checkpoint):
     engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=64, max_queue=256)).start()
     yield engine
     engine.stop()
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def greedy(max_tokens: int = 24, **kw) -> SamplingParams:
@@ -156,7 +148,7 @@ def test_a_cancelled_request_frees_its_row_within_a_step(engine):
 
     before = engine.metrics.cancelled._value.get()
     asyncio.run(start_and_leave())
-    assert wait_until(lambda: engine.stats()["running"] == 0, timeout=2.0)
+    assert wait_until(lambda: engine.stats()["running"] == 0, seconds=2.0)
     assert engine.metrics.cancelled._value.get() == before + 1
 
 

@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import CLI
+from conftest import CLI, expect_one_line_error, wait_until
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.cli import main
@@ -107,15 +107,6 @@ def http(url) -> Iterator[httpx.Client]:
 
 def cancelled(engine: Engine) -> float:
     return engine.metrics.registry.get_sample_value("lmforge_cancelled_requests_total")
-
-
-def wait_until(condition, seconds: float = 3.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def assert_error(response: httpx.Response, status: int, pattern: str, param: str | None = None) -> dict:
@@ -517,26 +508,21 @@ def test_serve_help(capsys):
         assert flag in text
 
 
-def one_line_error(code: int, err: str, pattern: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 def test_serve_bad_input(trained_run, tmp_path, capsys):
     cli = CLI(trained_run[0], capsys)
-    one_line_error(*cli("serve", "--ckpt", "tiny", "--api-key-file", str(tmp_path / "missing.txt"))[::2],
-                   "cannot read --api-key-file .*missing.txt")
+
+    def refused(pattern: str, *args: str) -> None:
+        expect_one_line_error(*cli("serve", "--ckpt", "tiny", *args)[::2], pattern, only_line=True)
+
+    refused("cannot read --api-key-file .*missing.txt", "--api-key-file", str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("# no keys yet\n\n")
-    one_line_error(*cli("serve", "--ckpt", "tiny", "--api-key-file", str(tmp_path / "empty.txt"))[::2],
-                   "holds no key")
-    one_line_error(*cli("serve", "--ckpt", "tiny", "--max-concurrency", "0")[::2], "--max-concurrency")
-    one_line_error(*cli("serve", "--ckpt", "tiny", "--port", "70000")[::2], "--port")
+    refused("holds no key", "--api-key-file", str(tmp_path / "empty.txt"))
+    refused("--max-concurrency", "--max-concurrency", "0")
+    refused("--port", "--port", "70000")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        one_line_error(*cli("serve", "--ckpt", "tiny", "--port", str(busy.getsockname()[1]))[::2],
-                       "cannot listen on 127.0.0.1:.*pick another --port")
+        refused("cannot listen on 127.0.0.1:.*pick another --port", "--port", str(busy.getsockname()[1]))
 
 
 def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):

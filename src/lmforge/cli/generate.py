@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     prompt = read_prompt(args.prompt)
-    loaded = load_model(resolve_checkpoint(args.ckpt, workspace_of(args).runs_dir), resolve_device(args.device))
+    loaded = load_model(resolve_checkpoint(args.ckpt, workspace_of(args).runs_dir), resolve_device(args.device, "--device"))
     prompt_ids = [loaded.tokenizer.eot_id] + loaded.tokenizer.encode(prompt)  # documents start after a boundary
     context = loaded.model.shape.max_seq_len
     if len(prompt_ids) >= context:

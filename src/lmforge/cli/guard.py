@@ -82,6 +82,19 @@ def check(args: argparse.Namespace) -> int:
     return 1 if verdict.blocked else 0
 
 
+def rate_table(title: str, columns: tuple[str, str, str], groups: dict[str, dict], total: tuple) -> Table:
+    """One row per group (its count and the rate in columns[2]), then the total in bold."""
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    rate = columns[2]
+    for name, s in groups.items():
+        table.add_row(name, str(s["n"]), f"{s[rate]:.1%}")
+    label, n, value = total
+    table.add_row(f"[bold]{label}[/]", str(n), f"[bold]{value:.1%}[/]")
+    return table
+
+
 def evaluate_policy(args: argparse.Namespace) -> int:
     data = args.data or shipped_devset()
     split = args.split if args.split is not None else (None if args.data else "heldout")
@@ -91,20 +104,10 @@ def evaluate_policy(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     where = f"{data}" + (f", split {split}" if split else "")
-    table = Table(title=f"guard eval: {len(records)} prompts ({where})", title_justify="left")
-    for column in ("category", "harmful", "blocked"):
-        table.add_column(column, justify="left" if column == "category" else "right")
-    for category, s in result["per_category"].items():
-        table.add_row(category, str(s["n"]), f"{s['blocked']:.1%}")
-    table.add_row("[bold]all harmful[/]", str(result["harmful"]), f"[bold]{result['harmful_blocked']:.1%}[/]")
-    out.print(table)
-    benign = Table(title="benign prompts refused (over-refusal)", title_justify="left")
-    for column in ("kind", "benign", "refused"):
-        benign.add_column(column, justify="left" if column == "kind" else "right")
-    for kind, s in result["per_benign_kind"].items():
-        benign.add_row(kind, str(s["n"]), f"{s['refused']:.1%}")
-    benign.add_row("[bold]all benign[/]", str(result["benign"]), f"[bold]{result['benign_refused']:.1%}[/]")
-    out.print(benign)
+    out.print(rate_table(f"guard eval: {len(records)} prompts ({where})", ("category", "harmful", "blocked"),
+                         result["per_category"], ("all harmful", result["harmful"], result["harmful_blocked"])))
+    out.print(rate_table("benign prompts refused (over-refusal)", ("kind", "benign", "refused"),
+                         result["per_benign_kind"], ("all benign", result["benign"], result["benign_refused"])))
     lat = result["latency_ms"]
     out.print(f"F1 {result['f1']:.3f} (precision {result['precision']:.3f}) | latency per text: p50 "
               f"{lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms")

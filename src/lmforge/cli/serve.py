@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 import uvicorn
 
 from lmforge.checkpoint import read_config, resolve_checkpoint
@@ -22,6 +21,7 @@ from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine
 from lmforge.meter.ledger import Ledger
 from lmforge.serve.app import create_app
 from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.train.runtime import resolve_device
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming)"
 DESCRIPTION = """\
@@ -119,15 +119,10 @@ def check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.model_name is not None and not 1 <= len(args.model_name) <= 256:
         raise UsageError("--model-name must hold 1 to 256 characters")
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(args.device)
+        return str(resolve_device(args.device, "--device"))
     except RuntimeError:
         raise UsageError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asks for a GPU but CUDA is not available; use --device cpu")
-    return str(device)
 
 
 def stop_like_ctrl_c(signum: int, frame) -> None:

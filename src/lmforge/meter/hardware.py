@@ -102,11 +102,13 @@ def resolve_profile(
     price_per_hour: float | None = None,
     cpu_threads: int | None = None,
     probe_cache: Path | None = None,
+    need_peak: bool = True,
 ) -> DeviceProfile:
     """The profile of the device a run uses, with the user's overrides applied.
 
     device_type: 'cuda' (matched by `device_name`, torch.cuda.get_device_name()) or 'cpu' (peak measured).
     override_name: a profile name from devices.json that replaces detection.
+    need_peak=False skips the CPU probe for callers that only want power and price (the peak is then empty).
     Overrides follow the config's "unset" values: peak_tflops and power_watts None or 0, price_per_hour None or
     negative, cpu_threads None or 0 (= torch's current thread count).
     """
@@ -130,7 +132,7 @@ def resolve_profile(
     spec = profiles[name]
     notes = [spec["note"]]
     if name == "cpu":
-        profile = _cpu_profile(spec, cpu_threads, probe_cache, skip_probe=bool(peak_tflops))
+        profile = _cpu_profile(spec, cpu_threads, probe_cache, skip_probe=bool(peak_tflops) or not need_peak)
         notes = [profile.note]
     else:
         profile = DeviceProfile(

@@ -161,9 +161,13 @@ class KVCache:
 
     def commit(self, start_pos: torch.Tensor) -> None:
         """Write the staged keys and values of the last pass at each row's positions start_pos[b] + 0..T-1."""
+        if not self.staged:
+            return
+        B, _, T, _ = next(iter(self.staged.values()))[0].shape  # every layer stages the same (B, K, T, D)
+        device = self.k.device
+        positions = start_pos.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
         for layer, (k, v) in self.staged.items():
-            positions = start_pos.to(k.device)[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
-            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
             self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
             self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
         self.staged.clear()

@@ -43,6 +43,7 @@ from lmforge.meter.ledger import Ledger
 from lmforge.model.sampling import sample_next
 from lmforge.model.sizing import forward_flops_per_token
 from lmforge.serve.metrics import ServeMetrics
+from lmforge.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         # the device profile: declared power (for the estimate where nothing measures) and price
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        profile = resolve_profile(self.device.type, name, peak_tflops=1.0)  # (a peak skips the CPU probe)
+        profile = resolve_profile(self.device.type, name, need_peak=False)
         power_watts = power_watts or profile.tdp_watts
         self.price_per_hour = profile.price_per_hour
         self._energy = make_energy_reader(self.device.type, self.device.index or 0, declared_watts=power_watts)
@@ -349,10 +350,7 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: EngineConfig, **kwargs) -> Engine:
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_model(path, device), config, **kwargs)
+        return cls(load_model(path, resolve_device(config.device)), config, **kwargs)
 
     # ---- the caller's side -------------------------------------------------------------------------------
 

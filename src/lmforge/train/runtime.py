@@ -28,11 +28,12 @@ class Runtime:
         return contextlib.nullcontext()
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
+    """'auto' -> CUDA if present, else CPU; a GPU asked for where there is none is an error naming `flag`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--train.device {name} asks for a GPU but CUDA is not available; use --train.device cpu")
+        raise ConfigError(f"{flag} {name} asks for a GPU but CUDA is not available; use {flag} cpu")
     return torch.device(name)
 
 
