@@ -33,6 +33,9 @@ def test_default_policy_loads_and_covers_every_category():
     ({"detectors": {}}, "detectors must map at least one"),
     ({"refusal": ""}, "refusal must be a non-empty string"),
     ({"max_chars": 0}, "max_chars must be an integer"),
+    ({"detectors": {"rules": {"directions": ["inbound"]}}}, "detectors.rules.directions must be a non-empty list"),
+    ({"stream": {"chunk": 8}}, "unknown key 'chunk' (did you mean 'chunk_chars'?)"),
+    ({"stream": {"chunk_chars": 0}}, "stream.chunk_chars must be an integer in 1..100000"),
     ([1, 2], "a policy is a YAML mapping"),
 ])
 def test_invalid_policies_name_the_key(raw, message):
@@ -66,6 +69,23 @@ def test_verdicts_block_redact_and_allow():
     assert flagged.action == "flag" and flagged.text == "write to ana.lopez@example.com please"
     assert guard.check("How do I kill a Python process?", "input").action == "allow"
     assert guard.check("", "input").action == "allow"
+
+
+def test_detectors_run_only_in_their_directions():
+    guard = Guard.from_policy(policy_from_dict({**FAST, "detectors": {"rules": {}, "pii": {"directions": ["output"]}},
+                                                "categories": {"pii": {"input": "redact", "output": "redact"}}}))
+    assert guard.check("mail a@b.io", "input").action == "allow"
+    assert guard.check("mail a@b.io", "output").text == "mail <EMAIL>"
+
+
+def test_redaction_covers_every_match_of_a_rule(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("privacy: {keywords: [home address]}\n")
+    guard = Guard.from_policy(policy_from_dict({"detectors": {"rules": {"file": str(rules)}},
+                                                "categories": {"privacy": {"input": "redact"}}}))
+    verdict = guard.check("her home address, his home address and your home address", "input")
+    assert verdict.text == "her <REDACTED>, his <REDACTED> and your <REDACTED>"
+    assert len(verdict.findings) == 3
 
 
 def test_oversize_texts_are_blocked_unread():

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.meter.ledger import SCHEMA_VERSION, Ledger
+from lmforge.meter.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger
 
 
 def test_run_lifecycle(tmp_path):
@@ -90,6 +90,23 @@ def test_killed_run_is_shown_crashed(tmp_path):
         child.kill()
         child.wait()
     assert ledger.mark_crashed_runs() == 0
+
+
+def test_a_version_1_ledger_is_migrated_with_its_rows(tmp_path):
+    """A ledger written before guard_events existed opens, keeps its runs, and gains the table."""
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path)
+    MIGRATIONS[0](conn)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO runs (name, kind, status, created_at, updated_at) VALUES ('old', 'train', "
+                 "'completed', 1, 1)")
+    conn.commit()
+    conn.close()
+    ledger = Ledger(path)
+    assert ledger.get_run("old")["status"] == "completed"
+    ledger.log_guard_events(None, [{"created_at": 2.0, "request_id": "r", "direction": "input", "category": "hate",
+                                    "detector": "rules", "score": 1.0, "action": "block", "text_sha256": "ab"}])
+    assert ledger.get_guard_events()[0]["text"] is None
 
 
 def test_newer_schema_is_a_clear_error(tmp_path):

@@ -525,15 +525,14 @@ def test_serve_bad_input(trained_run, tmp_path, capsys):
         refused("cannot listen on 127.0.0.1:.*pick another --port", "--port", str(busy.getsockname()[1]))
 
 
-def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
-    """`lmforge serve` for real: answers, stops on SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run."""
-    workspace = trained_run[0]
-    keys = tmp_path / "keys.txt"
-    keys.write_text("secret-key\n")
+@contextlib.contextmanager
+def serve_process(workspace: Path, *args: str) -> Iterator[tuple[str, str, dict]]:
+    """`lmforge serve --ckpt tiny --port 0 ARGS` in a subprocess; yields (base URL, its 'serving' line, a dict
+    that holds its exit code and stderr once the block ends with SIGTERM)."""
     env = {**os.environ, "LMFORGE_HOME": str(workspace), "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--ckpt", "tiny", "--port", "0",
-                                "--api-key-file", str(keys), "--max-concurrency", "2"],
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--ckpt", "tiny", "--port", "0", *args],
                                env=env, stderr=subprocess.PIPE, text=True)
+    ended: dict = {}
     try:
         selector = selectors.DefaultSelector()
         selector.register(process.stderr, selectors.EVENT_READ)
@@ -542,15 +541,25 @@ def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
             assert time.monotonic() < deadline and selector.select(timeout=1) is not None
             line = process.stderr.readline()
             assert line or process.poll() is None, "lmforge serve exited early"
-        base = re.search(r"at (http://\S+/v1)", line).group(1)
+        yield re.search(r"at (http://\S+/v1)", line).group(1), line, ended
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, ended["stderr"] = process.communicate(timeout=30)
+        ended["returncode"] = process.returncode
+
+
+def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
+    """`lmforge serve` for real: answers, stops on SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run."""
+    workspace = trained_run[0]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret-key\n")
+    with serve_process(workspace, "--api-key-file", str(keys), "--max-concurrency", "2") as (base, line, ended):
         assert "context 64, 2 slots" in line and "energy:" in line
         client = openai.OpenAI(base_url=base, api_key="secret-key", max_retries=0)
         response = client.completions.create(model="tiny", prompt="def", max_tokens=3, temperature=0)
         assert response.usage.completion_tokens == 3
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
+    err = ended["stderr"]
+    assert ended["returncode"] == 0, err
     assert "served 1 requests" in err
     run = next(r for r in Ledger(workspace / "ledger.db").list_runs() if r["kind"] == "serve")
     assert run["status"] == "completed" and run["name"].startswith("serve-tiny-")

@@ -16,6 +16,8 @@ import uvicorn
 from lmforge.checkpoint import read_config, resolve_checkpoint
 from lmforge.cli.common import err, human, workspace_of
 from lmforge.errors import LmforgeError, UsageError
+from lmforge.guard.guard import Guard
+from lmforge.guard.policy import DIRECTIONS
 from lmforge.meter.energy import footprint
 from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine
 from lmforge.meter.ledger import Ledger
@@ -32,9 +34,16 @@ The server is a 'serve' run in the ledger: each request's tokens, FLOPs, device 
 and Ctrl-C stops it with a summary. Unknown request fields are ignored and named in the response header
 X-Lmforge-Ignored-Params.
 
+--guard POLICY puts guard rails around the model (POLICY = a policy YAML, or 'builtin' for the shipped default;
+write your own from `lmforge guard policy`): prompts are checked before they are queued, generated text before
+it is sent. Blocked requests and cut-off outputs end with the policy's refusal and finish_reason
+"content_filter"; verdicts are in each response's `lmforge.guard` field, counted on /metrics, and every finding
+is audited in the ledger (a sha256 of the text, not the text, unless the policy sets store_text).
+
 examples:
   lmforge serve --ckpt my-run
   lmforge serve --ckpt my-run --host 0.0.0.0 --port 8080 --api-key-file keys.txt
+  lmforge serve --ckpt my-run --guard builtin
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "my-run", "prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
 """
@@ -65,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step: a one-off 10-30 s at start for ~2x faster steps on a CPU "
                    "(default auto: on for CPU; off for GPU, where it has not been measured yet)")
     p.add_argument("--model-name", metavar="NAME", help="the model name clients send (default: the run name)")
+    p.add_argument("--guard", metavar="POLICY", help="guard rails on input and output: a policy YAML file, or "
+                   "'builtin' for the shipped default (default: no guard)")
 
 
 def read_api_keys(path: str) -> set[str]:
@@ -108,6 +119,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_guard(policy: str) -> Guard:
+    """The guard for --guard, its detectors loaded and run once (so the first request does not pay for it)."""
+    with err.status(f"loading the guard policy {policy} ..."):
+        guard = Guard.from_policy(policy)
+        for direction in DIRECTIONS:
+            guard.check("warm-up", direction)
+    err.print(f"guard: {guard.policy.source} (detectors: {', '.join(guard.policy.detectors)})", markup=False)
+    return guard
+
+
 def check_args(args: argparse.Namespace) -> str:
     """Check the flags that the engine does not; return the device to run on."""
     for flag in ("queue_timeout", "kv_cache_mb", "max_body_mb"):
@@ -125,15 +146,22 @@ def check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
-def stop_like_ctrl_c(signum: int, frame) -> None:
-    """SIGTERM (docker stop, systemd) ends the server as Ctrl-C does, with the run finished in the ledger."""
-    raise KeyboardInterrupt
+def stop_on_signals(engine: Engine) -> dict:
+    """Ctrl-C and SIGTERM (docker stop, systemd) end the engine's loop between steps, so nothing is cut half-way
+    (a ledger write, a step); a second Ctrl-C interrupts at once. Returns the handlers to restore."""
+    def stop(signum: int, frame) -> None:
+        engine.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def summarize(ledger: Ledger, run_id: int, engine: Engine | None, wall_seconds: float) -> dict:
     """The serve run's totals, from its request rows in the ledger; cost and CO2 of the device time requests used."""
     rows = ledger.get_requests(run_id)
     s = {"requests": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
+         "blocked_input": sum(r["status"] == "blocked:input" for r in rows),
+         "blocked_output": sum(r["status"] == "blocked:output" for r in rows),
+         "guard_findings": len(ledger.get_guard_events(run_id)),
          "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
          "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows),
          "flops": sum(r["flops"] or 0.0 for r in rows),
@@ -155,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                           compile=compile_on)
     config.validate()
     api_keys = read_api_keys(args.api_key_file) if args.api_key_file is not None else None
+    guard = load_guard(args.guard) if args.guard is not None else None
     workspace = workspace_of(args)
     path = resolve_checkpoint(args.ckpt, workspace.runs_dir)
     model = args.model_name or read_config(path).name or path.parent.parent.name  # the run name
@@ -164,13 +193,14 @@ def run(args: argparse.Namespace) -> int:
     run_config = {"ckpt": args.ckpt, "model_name": model, "host": args.host, "port": port,
                   "api_key_file": args.api_key_file, "max_concurrency": args.max_concurrency,
                   "max_queue": args.max_queue, "queue_timeout": args.queue_timeout, "kv_cache_mb": args.kv_cache_mb,
-                  "max_body_mb": args.max_body_mb, "device": args.device, "compile": compile_on}
+                  "max_body_mb": args.max_body_mb, "device": args.device, "compile": compile_on,
+                  "guard": None if guard is None else guard.policy.source}
     run_id = ledger.start_run(f"serve-{model}-{time.strftime('%Y%m%d-%H%M%S')}", "serve", run_config,
                               {**describe_machine(), "device": device}, str(path))
     engine: Engine | None = None
     status, error, started = "completed", None, time.monotonic()
     try:
-        engine = Engine.from_checkpoint(path, config, model_id=model, ledger=ledger, run_id=run_id)
+        engine = Engine.from_checkpoint(path, config, model_id=model, ledger=ledger, run_id=run_id, guard=guard)
         if compile_on:
             err.print("compiling the decode step ...", end=" ")
             err.print(f"{engine.warm_up():.0f} s")
@@ -187,13 +217,14 @@ def run(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         err.print(f"serving {model} (context {engine.context_len}, {engine.slots} slots) at http://{host}:{port}/v1"
                   f" | energy: {engine.energy_label}", soft_wrap=True, markup=False)
-        previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+        previous = stop_on_signals(engine)
         try:
             engine.run()  # until Ctrl-C or SIGTERM
-        except KeyboardInterrupt:  # the normal way to stop
+        except KeyboardInterrupt:  # a second Ctrl-C
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             server.should_exit = True  # open streams get GRACEFUL_SHUTDOWN_S to finish
             http.join(GRACEFUL_SHUTDOWN_S + 2)
     except BaseException as e:  # Ctrl-C while loading, or a failure
@@ -209,4 +240,7 @@ def run(args: argparse.Namespace) -> int:
     err.print(f"served {summary['requests']} requests: {summary['prompt_tokens']:,} prompt + "
               f"{summary['completion_tokens']:,} completion tokens, {human(summary['flops'], 'FLOP')}, "
               f"{summary['device_seconds']:.1f} device-s, {summary['energy_j']:.1f} J", soft_wrap=True, markup=False)
+    if guard is not None:
+        err.print(f"guard: {summary['blocked_input']} prompts refused, {summary['blocked_output']} outputs cut off, "
+                  f"{summary['guard_findings']} findings audited", markup=False)
     return 0

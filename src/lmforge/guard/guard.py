@@ -31,6 +31,7 @@ class Finding:
     detector: str
     span: tuple[int, int] | None
     action: str  # what the policy does about it in this direction: flag, redact or block
+    label: str | None = None  # what redaction writes in place of the span, e.g. "EMAIL"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ def build_detectors(policy: Policy) -> list[Detector]:
     return detectors
 
 
+def later_matches(detector: RulesDetector, text: str, first: Detection, limit: int = 1000) -> list[Detection]:
+    """The matches of first's category after it (redaction must cover every one, not just the first)."""
+    found, offset = [], first.span[1]
+    while offset < len(text) and len(found) < limit:
+        d = next((d for d in detector.detect(text[offset:]) if d.category == first.category and d.span), None)
+        if d is None or d.span[1] == 0:
+            break
+        found.append(Detection(d.category, d.score, (d.span[0] + offset, d.span[1] + offset), d.detector, d.label))
+        offset += d.span[1]
+    return found
+
+
 class Guard:
     def __init__(self, policy: Policy, detectors: list[Detector]):
         self.policy = policy
@@ -103,17 +116,22 @@ class Guard:
         findings: list[Finding] = []
         redactions: list[Detection] = []
         for detector in self.detectors:
+            if not self.policy.runs_on(detector.name, direction):
+                continue
             for d in detector.detect(text):
                 rule = self.policy.rule(d.category)
                 action = rule.action(direction)
                 if d.score < rule.threshold or action == "allow":
                     continue
+                found = [d]
                 if action == "redact":
                     if d.span is None:  # nothing to cut out: the whole text is the problem
                         action = "block"
                     else:
-                        redactions.append(d)
-                findings.append(Finding(d.category, d.score, d.detector, d.span, action))
+                        if isinstance(detector, RulesDetector):  # it reports a category's first match only
+                            found += later_matches(detector, text, d)
+                        redactions += found
+                findings += [Finding(f.category, f.score, f.detector, f.span, action, f.label) for f in found]
         action = max((f.action for f in findings), key=ACTIONS.index, default="allow")
         out = redact(text, redactions) if action == "redact" else text
         return Verdict(direction, action, tuple(findings), out, time.perf_counter() - start)

@@ -9,6 +9,9 @@ A policy is a YAML file (the shipped default is `guard/assets/default_policy.yam
       rules: {file: builtin}               # keyword/regex lists (builtin = guard/assets/rules.yaml)
       pii: {kinds: all}                    # or a list: [EMAIL, PHONE, CREDIT_CARD, IBAN, IPV4, IPV6, US_SSN, SECRET]
       semantic: {head: builtin}            # sentence-embedding classifier (needs lmforge[guard])
+                                           # any detector: directions: [input] to run it on prompts only
+    stream: {chunk_chars: 32, context_chars: 160}  # the server's output rail: check every 32 new characters,
+                                                   # with the 160 before them as context
     categories:                            # per category: action on input, action on output, score threshold
       violent_crimes: {input: block, output: block, threshold: 0.5}
       pii: {input: redact, output: redact}
@@ -35,13 +38,14 @@ from lmforge.guard.core import CATEGORIES
 
 ACTIONS = ("allow", "flag", "redact", "block")  # weakest to strongest
 DIRECTIONS = ("input", "output")
-DETECTORS = {  # detector -> the settings it takes
+DETECTORS = {  # detector -> the settings it takes (besides `directions`, which every detector takes)
     "rules": ("file",),
     "pii": ("kinds",),
     "semantic": ("head", "threshold"),
     "external": ("model_dir", "kind", "category_map", "threshold"),
 }
-TOP_KEYS = ("refusal", "store_text", "max_chars", "detectors", "categories", "default")
+TOP_KEYS = ("refusal", "store_text", "max_chars", "detectors", "categories", "default", "stream")
+STREAM_KEYS = ("chunk_chars", "context_chars")
 RULE_KEYS = ("input", "output", "threshold")
 
 
@@ -56,6 +60,18 @@ class CategoryRule:
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """How the server's output rail reads a generation as it grows (guard/rails.py).
+
+    Text reaches the client only once checked, so chunk_chars trades streaming smoothness (and checks per token)
+    against latency: 32 characters is ~8 tokens of English or code. context_chars of already-checked text are
+    checked again with each chunk, so a phrase that straddles two chunks is seen whole.
+    """
+    chunk_chars: int = 32
+    context_chars: int = 160
+
+
+@dataclass(frozen=True)
 class Policy:
     refusal: str = "I can't help with that."
     store_text: bool = False
@@ -63,10 +79,14 @@ class Policy:
     detectors: dict[str, dict[str, Any]] = field(default_factory=lambda: {"rules": {}, "pii": {}})
     categories: dict[str, CategoryRule] = field(default_factory=dict)
     default: CategoryRule = CategoryRule()
+    stream: StreamSettings = StreamSettings()
     source: str = "<defaults>"  # the file it came from, for messages
 
     def rule(self, category: str) -> CategoryRule:
         return self.categories.get(category, self.default)
+
+    def runs_on(self, detector: str, direction: str) -> bool:
+        return direction in self.detectors.get(detector, {}).get("directions", DIRECTIONS)
 
 
 def _unknown(kind: str, name: str, valid, where: str) -> ConfigError:
@@ -123,9 +143,13 @@ def policy_from_dict(raw: Any, source: str = "<dict>") -> Policy:
         if not isinstance(settings, dict):
             raise ConfigError(f"{source}: detectors.{name} must be a mapping of settings (or empty)")
         for key in settings:
-            if key not in DETECTORS[name]:
-                raise _unknown("setting", key, DETECTORS[name], f"{source}: detectors.{name}")
-        checked[name] = dict(settings)
+            if key not in DETECTORS[name] + ("directions",):
+                raise _unknown("setting", key, DETECTORS[name] + ("directions",), f"{source}: detectors.{name}")
+        directions = settings.get("directions", list(DIRECTIONS))
+        if not isinstance(directions, list) or not directions or any(d not in DIRECTIONS for d in directions):
+            raise ConfigError(f"{source}: detectors.{name}.directions must be a non-empty list of "
+                              f"{' and '.join(DIRECTIONS)}, got {directions!r}")
+        checked[name] = dict(settings, directions=tuple(directions))
 
     default = _rule(raw.get("default", {}), f"{source}: default", CategoryRule())
     categories_raw = raw.get("categories", {}) or {}
@@ -136,7 +160,23 @@ def policy_from_dict(raw: Any, source: str = "<dict>") -> Policy:
         if name not in CATEGORIES:
             raise _unknown("category", name, CATEGORIES, f"{source}: categories")
         categories[name] = _rule(value, f"{source}: categories.{name}", default)
-    return Policy(refusal.strip(), store_text, max_chars, checked, categories, default, source)
+    return Policy(refusal.strip(), store_text, max_chars, checked, categories, default,
+                  _stream(raw.get("stream", {}), source), source)
+
+
+def _stream(value: Any, source: str) -> StreamSettings:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: stream must be a mapping like {{chunk_chars: 32, context_chars: 160}}")
+    for key in value:
+        if key not in STREAM_KEYS:
+            raise _unknown("key", key, STREAM_KEYS, f"{source}: stream")
+    settings = {}
+    for key, low in (("chunk_chars", 1), ("context_chars", 0)):
+        v = value.get(key, getattr(StreamSettings, key))
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 100_000:
+            raise ConfigError(f"{source}: stream.{key} must be an integer in {low}..100000, got {v!r}")
+        settings[key] = v
+    return StreamSettings(**settings)
 
 
 def load_policy(path: str | Path | None = None) -> Policy:

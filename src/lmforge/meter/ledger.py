@@ -1,12 +1,14 @@
 """The ledger: one SQLite database (stdlib sqlite3) recording every run, its step metrics and its artifacts.
 
-Tables (schema version 1):
+Tables (schema version 2):
     meta       key -> value; holds schema_version
     runs       one row per run: status, heartbeat, pid/host, config, hardware and summary as JSON text
     metrics    (run_id, step, name) -> value; re-logging a step overwrites it, as a resumed run repeats the steps
                after its last checkpoint
     artifacts  checkpoints, tokenizers, shards a run wrote, with sha256 and size
     requests   one row per served request (tokens, FLOPs, device-seconds, energy)
+    guard_events  one row per guard finding that was not allowed (v2): request, direction, category, detector,
+               score, action, and a sha256 of the text checked (the text itself only if the policy says so)
 
 Several processes use the database at once (a training run writing, `lmforge runs` reading), so it runs in WAL
 mode with a busy timeout, and writes take the write lock up front (BEGIN IMMEDIATE) so a transaction never
@@ -91,14 +93,34 @@ CREATE INDEX requests_by_time ON requests (created_at);
 """
 
 
-def _migrate_to_v1(conn: sqlite3.Connection) -> None:
-    for statement in SCHEMA_V1.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+SCHEMA_V2 = """
+CREATE TABLE guard_events (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+    created_at REAL NOT NULL,
+    request_id TEXT,
+    direction TEXT NOT NULL,
+    category TEXT NOT NULL,
+    detector TEXT NOT NULL,
+    score REAL,
+    action TEXT NOT NULL,
+    text_sha256 TEXT NOT NULL,
+    text TEXT
+);
+CREATE INDEX guard_events_by_time ON guard_events (created_at);
+"""
+
+
+def _statements(schema: str) -> Callable[[sqlite3.Connection], None]:
+    def migrate(conn: sqlite3.Connection) -> None:
+        for statement in schema.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    return migrate
 
 
 # MIGRATIONS[i] takes a database from schema version i to i + 1 (version 0 = empty file). Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(SCHEMA_V1), _statements(SCHEMA_V2)]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JSON_COLUMNS = {"config_json": "config", "hardware_json": "hardware", "summary_json": "summary"}
@@ -331,6 +353,24 @@ class Ledger:
 
     def get_requests(self, run_id: int | None = None) -> list[dict[str, Any]]:
         query, args = "SELECT * FROM requests", ()
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", (run_id,)
+        with self._db() as conn:
+            return [dict(row) for row in conn.execute(query + " ORDER BY id", args).fetchall()]
+
+    def log_guard_events(self, run_id: int | None, rows: list[dict[str, Any]]) -> None:
+        """Guard findings, one dict per finding with the guard_events table's columns (besides id and run_id)."""
+        columns = ("created_at", "request_id", "direction", "category", "detector", "score", "action",
+                   "text_sha256", "text")
+        with self._db(write=True) as conn:
+            conn.executemany(
+                f"INSERT INTO guard_events (run_id, {', '.join(columns)}) "
+                f"VALUES (?, {', '.join('?' * len(columns))})",
+                [(run_id, *(row.get(c) for c in columns)) for row in rows],
+            )
+
+    def get_guard_events(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM guard_events", ()
         if run_id is not None:
             query, args = query + " WHERE run_id = ?", (run_id,)
         with self._db() as conn:

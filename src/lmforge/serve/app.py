@@ -27,17 +27,18 @@ import asyncio
 import hmac
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.errors import LmforgeError
+from lmforge.guard.guard import Verdict
 from lmforge.serve.engine import (
     Delta,
     Engine,
@@ -47,6 +48,7 @@ from lmforge.serve.engine import (
     InvalidRequest,
     Overloaded,
     Prefilled,
+    Prompt,
     RequestHandle,
     SamplingParams,
     TokenLogprob,
@@ -61,6 +63,7 @@ from lmforge.serve.protocol import (
     completion_body,
     completion_logprobs,
     error_body,
+    guard_body,
     ignored_params_header,
     models_body,
     parse_request,
@@ -207,19 +210,28 @@ async def read_request(request: Request,
         raise APIError(400, str(e), e.param) from None
 
 
-def submit(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[RequestHandle, SamplingParams]:
-    """Queue the request in the engine; APIError if it cannot be."""
+async def prepare(engine: Engine, body: CompletionRequest | ChatRequest) -> Prompt:
+    """The request's prompt as token ids, through the input rail if the engine has a guard."""
     if body.model != engine.model_id:  # the name is only ever compared, never used as a path
         raise APIError(400, f"model {body.model!r} is not served here; this server serves {engine.model_id!r} "
                             f"(GET /v1/models)", "model", "model_not_found")
+    chat = isinstance(body, ChatRequest)
+    kwargs = {"messages": [m.as_dict() for m in body.messages]} if chat else {"prompt": body.prompt}
+    try:
+        if engine.guard is None:
+            return engine.prepare(**kwargs)
+        return await run_in_threadpool(engine.prepare, **kwargs)  # the guard takes milliseconds: off the loop
+    except InvalidRequest as e:
+        raise APIError(400, str(e), "messages" if chat else "prompt") from None
+
+
+def submit(engine: Engine, body: CompletionRequest | ChatRequest,
+           prompt: Prompt) -> tuple[RequestHandle, SamplingParams]:
+    """Queue the request in the engine; APIError if it cannot be."""
     if isinstance(body, ChatRequest):
-        try:
-            prompt: str | list[int] = engine.render_chat([m.as_dict() for m in body.messages])
-        except InvalidRequest as e:
-            raise APIError(400, str(e), "messages") from None
         params = body.sampling_params(engine.chat_stop_token_ids)
     else:
-        prompt, params = body.prompt, body.sampling_params()
+        params = body.sampling_params()
     try:
         return engine.submit(prompt, params), params
     except InvalidRequest as e:
@@ -234,7 +246,7 @@ async def serve(engine: Engine, request: Request, body: CompletionRequest | Chat
     """Submit to the engine and answer: one JSON body, or server-sent events when body.stream."""
     headers = {IGNORED_PARAMS_HEADER: ignored_params_header(body.ignored_params)} if body.ignored_params else {}
     try:
-        handle, params = submit(engine, body)
+        handle, params = submit(engine, body, await prepare(engine, body))
     except APIError as e:
         e.headers.update(headers)
         raise
@@ -246,7 +258,7 @@ async def serve(engine: Engine, request: Request, body: CompletionRequest | Chat
             return Response(status_code=CLIENT_GONE)
         if isinstance(prefilled, Failed):
             raise failed_error(prefilled, headers)
-        formatter = Formatter(engine.model_id, params, chat, body.include_usage)
+        formatter = Formatter(engine.model_id, handle.id, params, chat, body.include_usage, prefilled)
         if body.stream:
             streaming = True
             return StreamingResponse(stream(events, prefilled, formatter), media_type="text/event-stream",
@@ -339,13 +351,13 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
         m = merged.get(d.index)
         if m is None:
             merged[d.index] = Delta(d.index, d.text, list(d.token_ids), None if d.logprobs is None else
-                                    list(d.logprobs), d.finish_reason)
+                                    list(d.logprobs), d.finish_reason, d.guard)
         else:
             m.text += d.text
             m.token_ids += d.token_ids
             if d.logprobs is not None:
                 m.logprobs = (m.logprobs or []) + d.logprobs
-            m.finish_reason = d.finish_reason
+            m.finish_reason, m.guard = d.finish_reason, d.guard
     return list(merged.values())
 
 
@@ -360,25 +372,33 @@ class Collected:
         self.texts = [""] * n
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.finish_reasons: list[str | None] = [None] * n
+        self.verdicts: list[Verdict | None] = [None] * n  # the output rail's, per choice
 
     def add(self, delta: Delta) -> None:
         self.texts[delta.index] += delta.text
         self.logprobs[delta.index] += delta.logprobs or []
         self.finish_reasons[delta.index] = delta.finish_reason
+        self.verdicts[delta.index] = delta.guard
 
 
 class Formatter:
     """One request's engine events as OpenAI bodies: completions (legacy logprobs, echo) or chat."""
 
-    def __init__(self, model: str, params: SamplingParams, chat: bool, include_usage: bool):
+    def __init__(self, model: str, request_id: str, params: SamplingParams, chat: bool, include_usage: bool,
+                 prefilled: Prefilled):
         self.model, self.params, self.chat, self.include_usage = model, params, chat, include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id  # the engine's id: the ledger's rows use it
+        self.input_verdict = prefilled.guard  # None without a guard
         self.created = int(time.time())
         self.offsets = [0] * params.n  # completions: characters streamed so far per choice (text_offset)
 
-    def _body(self, choices: list[dict[str, Any]], usage=None, chunk: bool = False) -> dict[str, Any]:
+    def _body(self, choices: list[dict[str, Any]], usage=None, chunk: bool = False,
+              verdicts: list[tuple[int, Verdict | None]] | None = None) -> dict[str, Any]:
         make = chat_body if self.chat else completion_body
-        return make(self.id, self.created, self.model, choices, usage, chunk)
+        body = make(self.id, self.created, self.model, choices, usage, chunk)
+        if verdicts is not None and self.input_verdict is not None:
+            body["lmforge"] = guard_body(self.input_verdict, verdicts)
+        return body
 
     def _prompt_logprobs(self, prefilled: Prefilled) -> list[TokenLogprob]:
         return (prefilled.prompt_logprobs or []) if self.params.echo else []
@@ -396,7 +416,7 @@ class Formatter:
                 logprobs = completion_logprobs(self._prompt_logprobs(prefilled) + c.logprobs[i], 0)
             text = prefilled.prompt_text + c.texts[i] if self.params.echo else c.texts[i]
             choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reasons[i]})
-        return self._body(choices, finished.usage)
+        return self._body(choices, finished.usage, verdicts=list(enumerate(c.verdicts)))
 
     def opening_chunks(self, prefilled: Prefilled) -> list[dict[str, Any]]:
         """Chat: the assistant role for each choice. Completions with echo: the prompt (and its logprobs)."""
@@ -417,13 +437,18 @@ class Formatter:
         if self.chat:
             return self._body([{"index": d.index, "delta": {"content": d.text} if d.text else {},
                                 "logprobs": None if d.logprobs is None else chat_logprobs(d.logprobs),
-                                "finish_reason": d.finish_reason}], chunk=True)
+                                "finish_reason": d.finish_reason}], chunk=True, verdicts=self._ending(d))
         logprobs = None
         if d.logprobs is not None:
             logprobs = completion_logprobs(d.logprobs, self.offsets[d.index])
             self.offsets[d.index] += sum(len(lp.token) for lp in d.logprobs)
         return self._body([{"index": d.index, "text": d.text, "logprobs": logprobs,
-                            "finish_reason": d.finish_reason}], chunk=True)
+                            "finish_reason": d.finish_reason}], chunk=True, verdicts=self._ending(d))
+
+    @staticmethod
+    def _ending(d: Delta) -> list[tuple[int, Verdict | None]] | None:
+        """The output verdict to show on a chunk: only on the one that ends its choice."""
+        return None if d.finish_reason is None else [(d.index, d.guard)]
 
     def usage_chunk(self, finished: Finished) -> dict[str, Any]:
         return self._body([], finished.usage, chunk=True)

@@ -14,6 +14,13 @@ tests check against each request run alone.
 
 Accounting: each forward pass's wall time and energy are shared among its sequences by the tokens each fed in;
 FLOPs are counted per token at its position. Finished requests go to the ledger's requests table.
+
+Guard rails (optional, `guard=`; guard/rails.py): `prepare` screens a request's text before it is queued, so a
+blocked request is answered with the policy's refusal (finish_reason "content_filter") without touching the model,
+and a redacted one reaches the model redacted. While generating, each sequence's text passes an output rail
+before it is sent: it goes out in checked chunks, redacted where the policy redacts, and a block ends the sequence
+with the refusal and finish_reason "content_filter". Verdicts ride on the events (Prefilled.guard for the input,
+the last Delta's guard for each choice's output) and every finding is audited in the ledger's guard_events.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import torch
 from lmforge.checkpoint import LoadedModel, load_model
 from lmforge.data.chat import END_OF_TURN, render_chat
 from lmforge.errors import LmforgeError
+from lmforge.guard.guard import Guard, Verdict
+from lmforge.guard.rails import OutputRail, audit_rows, screen_input
 from lmforge.meter.energy import make_energy_reader
 from lmforge.meter.hardware import resolve_profile
 from lmforge.meter.ledger import Ledger
@@ -110,21 +119,31 @@ class TokenLogprob:
 
 
 @dataclass
+class Prompt:
+    """A request's prompt, ready to queue: token ids, and the input rail's verdict (None without a guard)."""
+    ids: list[int]
+    verdict: Verdict | None = None
+    checked_text: str = ""  # what the input rail read, for the audit
+
+
+@dataclass
 class Prefilled:
     """First event of every request: the prompt as the model saw it (for echo)."""
     prompt_text: str
     prompt_token_ids: list[int]
     prompt_logprobs: list[TokenLogprob] | None
+    guard: Verdict | None = None  # the input rail's verdict (None without a guard)
 
 
 @dataclass
 class Delta:
-    """New text of one choice; finish_reason ('stop' or 'length') on its last delta."""
+    """New text of one choice; finish_reason ('stop', 'length' or 'content_filter') on its last delta."""
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
+    guard: Verdict | None = None  # on the last delta: the output rail's verdict on the whole choice
 
 
 @dataclass
@@ -168,6 +187,7 @@ class Result:
     logprobs: list[list[TokenLogprob] | None]
     finish_reasons: list[str | None]
     usage: Usage
+    guard: list[Verdict | None] = field(default_factory=list)  # per choice: the output rail's verdict
 
 
 def _put_all(items: list[tuple[RequestHandle, Event]]) -> None:
@@ -228,7 +248,7 @@ class RequestHandle:
             yield event
 
     def result(self, timeout: float | None = None) -> Result:
-        prompt, texts, ids, logprobs, reasons = None, {}, {}, {}, {}
+        prompt, texts, ids, logprobs, reasons, verdicts = None, {}, {}, {}, {}, {}
         for event in self.events(timeout):
             if isinstance(event, Prefilled):
                 prompt = event
@@ -238,12 +258,14 @@ class RequestHandle:
                 if event.logprobs is not None:
                     logprobs.setdefault(event.index, []).extend(event.logprobs)
                 reasons[event.index] = event.finish_reason
+                verdicts[event.index] = event.guard
             elif isinstance(event, Failed):
                 raise LmforgeError(f"request failed ({event.status}): {event.message}")
             else:
                 n = self._request.params.n
                 return Result(prompt, [texts.get(i, "") for i in range(n)], [ids.get(i, []) for i in range(n)],
-                              [logprobs.get(i) for i in range(n)], [reasons.get(i) for i in range(n)], event.usage)
+                              [logprobs.get(i) for i in range(n)], [reasons.get(i) for i in range(n)], event.usage,
+                              [verdicts.get(i) for i in range(n)])
         raise LmforgeError("request ended without a result")
 
 
@@ -253,6 +275,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     arrived: float
+    verdict: Verdict | None = None  # the input rail's
     handle: RequestHandle | None = None
     cancelled: bool = False
     admitted: float | None = None
@@ -262,6 +285,7 @@ class Request:
     flops: float = 0.0
     device_seconds: float = 0.0
     energy_j: float = 0.0
+    filtered: bool = False  # the output rail ended a choice
 
 
 @dataclass(eq=False)
@@ -281,6 +305,7 @@ class Sequence:
     sent_tokens: int = 0
     last_emit: float = 0.0
     finish_reason: str | None = None
+    rail: OutputRail | None = None  # with a guard: checks text before it is sent
 
 
 class Engine:
@@ -288,7 +313,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, *, model_id: str | None = None,
                  ledger: Ledger | None = None, run_id: int | None = None, metrics: ServeMetrics | None = None,
-                 power_watts: float | None = None):
+                 power_watts: float | None = None, guard: Guard | None = None):
         config.validate()
         self.config = config
         self.loaded = loaded
@@ -306,6 +331,7 @@ class Engine:
         self.chat_template = loaded.chat_template
         self.metrics = metrics or ServeMetrics()
         self.ledger, self.run_id = ledger, run_id
+        self.guard = guard
         self.eos_id = self.tokenizer.eot_id
         self.chat_stop_token_ids = (self.tokenizer.special_ids[END_OF_TURN],)
 
@@ -329,7 +355,9 @@ class Engine:
         self._token_text = [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Sequence] = []  # row i of the cache holds _running[i]
-        self._finished_rows: list[dict[str, Any]] = []  # for the ledger
+        # rows for the ledger, appended from any thread (a refused request is recorded by the caller's)
+        self._finished_rows: collections.deque[dict[str, Any]] = collections.deque()
+        self._audit_rows: collections.deque[dict[str, Any]] = collections.deque()  # guard findings
         self._outbox: list[tuple[Request, Event]] = []  # events of the current step, delivered at its end
         self._wake = threading.Condition()
         self._stop = False
@@ -384,7 +412,7 @@ class Engine:
         return self
 
     def run(self) -> None:
-        """Run the engine in this thread until `stop()` (from another thread) or Ctrl-C.
+        """Run the engine in this thread until `stop()` (from another thread) or `request_stop()`.
 
         The main thread is the fast place on a CPU: torch's OpenMP workers serve the main thread's small matmuls
         about twice as fast as another thread's (measured with 2 threads, torch 2.13; bench/RESULTS.md).
@@ -396,6 +424,10 @@ class Engine:
             self._loop()
         finally:
             self._flush_ledger()
+
+    def request_stop(self) -> None:
+        """Ask `run()` to return after the current step: safe from a signal handler (takes no lock)."""
+        self._stop = True
 
     def stop(self) -> None:
         with self._wake:
@@ -412,6 +444,37 @@ class Engine:
         except jinja2.TemplateError as e:
             raise InvalidRequest(f"cannot apply the chat template to these messages: {e}") from None
 
+    def prepare(self, prompt: str | list[int] | None = None, *,
+                messages: list[dict[str, str]] | None = None) -> Prompt:
+        """The token ids of a prompt (text or ids) or of chat messages, after the input rail when there is a guard.
+
+        No model compute, and safe from any thread; with a guard it takes milliseconds (the semantic classifier),
+        so a server calls it off its event loop. A chat is checked message by message and redacted inside each
+        message's content, so roles and template stay intact.
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("prepare takes a prompt or messages, not both")
+        if isinstance(prompt, list):
+            self._check_token_ids(prompt)
+        if self.guard is None:
+            if messages is not None:
+                return Prompt(self.render_chat(messages))
+            return Prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        if messages is not None:
+            screened = screen_input(self.guard, [m["content"] for m in messages])
+            ids = self.render_chat([dict(m, content=text) for m, text in zip(messages, screened.texts)])
+        else:
+            screened = screen_input(self.guard, [prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)])
+            redacted = screened.verdict.action == "redact"
+            ids = self.tokenizer.encode(screened.texts[0]) if isinstance(prompt, str) or redacted else list(prompt)
+        v = screened.verdict
+        self._count_guard("input", v.action, v.findings, v.seconds)
+        return Prompt(ids, v, v.text)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.tokenizer.vocab_size):
+            raise InvalidRequest(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1}")
+
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest naming what is wrong with the request, before it is queued."""
         p = params
@@ -420,8 +483,7 @@ class Engine:
         if len(prompt_ids) > self.context_len:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                                  f"{self.context_len}; shorten the prompt")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.vocab_size:
-            raise InvalidRequest(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1}")
+        self._check_token_ids(prompt_ids)
         if p.max_tokens is not None:
             if p.max_tokens < 0:
                 raise InvalidRequest(f"max_tokens must be >= 0, got {p.max_tokens}")
@@ -450,18 +512,28 @@ class Engine:
         if p.echo and p.n > 1:
             raise InvalidRequest("echo with n > 1 is not supported; send n = 1")
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request; its events arrive on the handle. Raises InvalidRequest or Overloaded."""
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check(prompt_ids, params)
+    def submit(self, prompt: str | list[int] | Prompt, params: SamplingParams) -> RequestHandle:
+        """Queue a request; its events arrive on the handle. Raises InvalidRequest or Overloaded.
+
+        A prompt the input rail blocked is answered at once with the refusal and never queued."""
+        if not isinstance(prompt, Prompt):
+            prompt = self.prepare(prompt)
+        self.check(prompt.ids, params)
         if self._thread is not None and not self.alive and not self._stop:
             raise LmforgeError(f"the engine is not running (last error: {self.error})")
-        request = Request(f"req-{next(self._ids)}-{secrets.token_hex(4)}", prompt_ids, params, time.monotonic())
+        request = Request(f"req-{next(self._ids)}-{secrets.token_hex(4)}", prompt.ids, params, time.monotonic(),
+                          prompt.verdict)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         request.handle = RequestHandle(request, loop)
+        if prompt.verdict is not None:
+            self._audit_rows.extend(audit_rows("input", prompt.verdict.findings, prompt.checked_text, request.id,
+                                               self.guard.policy.store_text))
+            if prompt.verdict.blocked:
+                self._refuse(request)
+                return request.handle
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
                 self.metrics.rejected.labels("queue_full").inc()
@@ -472,7 +544,26 @@ class Engine:
             self._wake.notify()
         return request.handle
 
-    def generate(self, prompt: str | list[int], params: SamplingParams, timeout: float | None = None) -> Result:
+    def _refuse(self, request: Request) -> None:
+        """Answer a request the input rail blocked: the refusal as every choice's text, no model compute."""
+        p = request.params
+        self._record(request, "blocked:input")
+        events: list[Event] = [Prefilled(self.tokenizer.decode(request.prompt_ids), list(request.prompt_ids), None,
+                                         request.verdict)]
+        events += [Delta(i, self.guard.policy.refusal, [], [] if p.logprobs is not None else None, "content_filter")
+                   for i in range(p.n)]
+        events.append(Finished(self._usage(request, time.monotonic())))
+        for event in events:
+            request.handle._put(event)
+
+    def _count_guard(self, direction: str, action: str, findings, seconds: float) -> None:
+        self.metrics.guard_checks.labels(direction, action).inc()
+        self.metrics.guard_seconds.labels(direction).observe(seconds)
+        for f in findings:
+            self.metrics.guard_findings.labels(direction, f.category, f.action).inc()
+
+    def generate(self, prompt: str | list[int] | Prompt, params: SamplingParams,
+                 timeout: float | None = None) -> Result:
         """Submit and wait: the engine called directly, without HTTP."""
         return self.submit(prompt, params).result(timeout)
 
@@ -492,7 +583,7 @@ class Engine:
             while True:
                 with self._wake:
                     while not self._stop and not self._waiting and not self._running:
-                        self._wake.wait(timeout=1.0)
+                        self._wake.wait(timeout=0.25)  # also notices request_stop() from a signal
                         self._flush_ledger_if_due()
                         self._power(restart=True)
                     if self._stop:
@@ -547,7 +638,8 @@ class Engine:
                 seed = request.params.seed
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(secrets.randbits(63) if seed is None else (seed + index) % 2**63)
-                admitted.append(Sequence(request, index, generator, self.tokenizer.decode_stream()))
+                rail = OutputRail(self.guard) if self.guard is not None else None
+                admitted.append(Sequence(request, index, generator, self.tokenizer.decode_stream(), rail=rail))
         self._waiting = kept
         self.metrics.queue_depth.set(len(kept))
         return admitted
@@ -588,7 +680,7 @@ class Engine:
             if s.index == 0:
                 prompt_logprobs = self._prompt_logprobs(s.request, full[i]) if echo[i] else None
                 self._send(s.request, Prefilled(self.tokenizer.decode(s.request.prompt_ids),
-                                                 list(s.request.prompt_ids), prompt_logprobs))
+                                                 list(s.request.prompt_ids), prompt_logprobs, s.request.verdict))
                 self.metrics.prompt_tokens.inc(lengths[i])
         self._append(seqs, tokens, logits)
 
@@ -705,13 +797,32 @@ class Engine:
                 end_token += 1
             cut = s.token_ends[end_token - 1] if end_token else 0
         start_char = s.token_ends[s.sent_tokens - 1] if s.sent_tokens else 0
+        if s.rail is not None and s.finish_reason is None:  # chunks end at a token before the unfinished word
+            ready = s.rail.ready(s.text, start_char, cut)
+            while end_token > s.sent_tokens and s.token_ends[end_token - 1] > ready:
+                end_token -= 1
+            cut = s.token_ends[end_token - 1] if end_token else 0
         if end_token == s.sent_tokens and s.finish_reason is None:
             return
-        text = s.text[start_char:cut] if cut >= start_char else ""
+        cut = max(cut, start_char)
+        text = s.text[start_char:cut]
         ids = s.out_ids[s.sent_tokens:end_token]
         lps = s.logprobs[s.sent_tokens:end_token] if s.request.params.logprobs is not None else None
+        if s.rail is not None:
+            released = s.rail.release(s.text, start_char, cut, final=s.finish_reason is not None)
+            if released is None:  # too little new text to check yet: it waits for more
+                return
+            self._count_guard("output", released.action, released.findings, released.seconds)
+            self._audit_rows.extend(audit_rows("output", released.findings, released.window, s.request.id,
+                                               self.guard.policy.store_text))
+            text = released.text
+            if released.blocked:  # what was not sent never will be: the refusal ends the choice
+                s.finish_reason, text, ids = "content_filter", self.guard.policy.refusal, []
+                lps = [] if lps is not None else None
+                s.request.filtered = True
         s.sent_tokens = max(end_token, s.sent_tokens)
-        self._send(s.request, Delta(s.index, text, ids, lps, s.finish_reason))
+        verdict = s.rail.verdict() if s.rail is not None and s.finish_reason is not None else None
+        self._send(s.request, Delta(s.index, text, ids, lps, s.finish_reason, verdict))
 
     def _token_logprob(self, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
         values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
@@ -772,7 +883,7 @@ class Engine:
             self.metrics.cancelled.inc()
         now = time.monotonic()
         self.metrics.latency.observe(now - r.arrived)
-        self._record(r, "cancelled" if r.cancelled else "completed")
+        self._record(r, "cancelled" if r.cancelled else "blocked:output" if r.filtered else "completed")
         self._send(r, Finished(self._usage(r, now)))
 
     def _usage(self, r: Request, now: float) -> Usage:
@@ -817,7 +928,12 @@ class Engine:
             self._flush_ledger()
 
     def _flush_ledger(self) -> None:
+        """Write the waiting rows; they leave the queues only once written (Ctrl-C may land mid-write)."""
         self._flushed = time.monotonic()
-        rows, self._finished_rows = self._finished_rows, []
-        if self.ledger is not None and rows:
-            self.ledger.log_requests(self.run_id, rows)
+        for pending, write in ((self._finished_rows, self.ledger and self.ledger.log_requests),
+                               (self._audit_rows, self.ledger and self.ledger.log_guard_events)):
+            rows = list(pending)  # other threads only append: this snapshot is the oldest len(rows)
+            if rows and write:
+                write(self.run_id, rows)
+            for _ in rows:
+                pending.popleft()

@@ -1,7 +1,7 @@
 """The server's Prometheus metrics, in one registry per server (so tests can run several in one process).
 
-The engine observes tokens, latencies, queue depth, running sequences and energy; the HTTP layer counts requests
-by route and status. `GET /metrics` renders `ServeMetrics.render()` in the Prometheus text format.
+The engine observes tokens, latencies, queue depth, running sequences, energy and guard verdicts; the HTTP layer
+counts requests by route and status. `GET /metrics` renders `ServeMetrics.render()` in the Prometheus text format.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ class ServeMetrics:
                                  registry=r)
         self.rejected = Counter("lmforge_rejected_requests", "Requests refused by backpressure, by reason",
                                 ["reason"], registry=r)
+        self.guard_checks = Counter("lmforge_guard_checks", "Guard checks (a request's input; a chunk of output), "
+                                    "by direction and the action taken", ["direction", "action"], registry=r)
+        self.guard_findings = Counter("lmforge_guard_findings", "Guard findings that were not allowed, by direction, "
+                                      "hazard category and action", ["direction", "category", "action"], registry=r)
+        self.guard_seconds = Histogram("lmforge_guard_seconds", "Time per guard check", ["direction"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

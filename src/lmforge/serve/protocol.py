@@ -15,6 +15,17 @@ Extensions, under vLLM's names: `ignore_eos` (keep generating past the end-of-te
 `prompt` may be a list of token ids. Responses add `usage.lmforge` (FLOPs, device seconds, energy, queue time,
 time to first token) next to OpenAI's token counts.
 
+With a guard (`lmforge serve --guard POLICY`), every response carries the verdicts in a top-level `lmforge` field:
+
+    "lmforge": {"guard": {"input":  {"action": "redact", "findings": [{"category": "pii", "detector": "pii",
+                                                                       "score": 1.0, "action": "redact"}]},
+                          "output": [{"index": 0, "action": "allow", "findings": []}]}}
+
+`output` has one entry per choice. In a stream, the chunk that ends a choice (the one with its finish_reason)
+carries `lmforge.guard` with the input verdict and that choice's output verdict (a list of one). A blocked request
+or output is answered with the policy's refusal as the text and finish_reason "content_filter", as OpenAI does
+when its own filter stops a completion. Findings never include the text they found.
+
 Responses are plain dicts in OpenAI's shapes, built by the functions at the end of this file.
 """
 
@@ -26,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmforge.guard.guard import Verdict
 from lmforge.serve.engine import MAX_STOP_CHARS, SamplingParams, TokenLogprob, Usage
 
 MAX_IGNORED_NAMED = 20  # the ignored-params header names at most this many fields
@@ -214,6 +226,20 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "lmforge": {"flops": usage.flops, "device_seconds": usage.device_seconds,
                         "energy_joules": usage.energy_joules, "energy_measured": usage.energy_measured,
                         "queue_seconds": usage.queue_seconds, "time_to_first_token": usage.time_to_first_token}}
+
+
+def verdict_body(verdict: Verdict | None) -> dict[str, Any]:
+    if verdict is None:  # e.g. a choice the input rail refused: no output was checked
+        return {"action": "allow", "findings": []}
+    return {"action": verdict.action,
+            "findings": [{"category": f.category, "detector": f.detector, "score": round(f.score, 4),
+                          "action": f.action} for f in verdict.findings]}
+
+
+def guard_body(input_verdict: Verdict, outputs: list[tuple[int, Verdict | None]]) -> dict[str, Any]:
+    """The `lmforge` extension field: the input verdict and each listed choice's output verdict."""
+    return {"guard": {"input": verdict_body(input_verdict),
+                      "output": [{"index": i, **verdict_body(v)} for i, v in outputs]}}
 
 
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
