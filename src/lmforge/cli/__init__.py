@@ -29,6 +29,7 @@ VERBS = {
     "runs": "lmforge.cli.runs",
     "serve": "lmforge.cli.serve",
     "guard": "lmforge.cli.guard",
+    "plan-link": "lmforge.cli.plan_link",
 }
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
+        args.argv = argv  # a verb may start itself again (train --nproc launches torchrun)
         return args.run(args) or 0
     except LmforgeError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, even in a pipe

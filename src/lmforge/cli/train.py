@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +28,21 @@ examples:
   lmforge train --config my.yaml
   lmforge train --model.depth 6 --train.max_time 600 --name d6-10min
   lmforge train --resume d6-10min --train.max_steps 4000     # continue, with a later stop limit
+  lmforge train --config my.yaml --nproc 4                    # data-parallel on 4 GPUs (or 4 CPU processes)
+
+Data parallel: --nproc N starts N processes on this machine through torchrun; the same is
+`torchrun --nproc-per-node N -m lmforge train ...`, which is also how to run on several nodes:
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m lmforge train ...
+Each process takes --train.batch_size rows, so the global batch is N x batch_size (and a run resumes
+with any N that keeps that product).
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run RUN from its latest checkpoint, with its saved "
                    "config (flags still override single settings)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine, "
+                   "started through torchrun (default 1; GPUs: one per GPU)")
     add_config_arguments(p, ("run", "data", "tokenizer", "model", "train", "meter"))
 
 
@@ -88,13 +101,35 @@ def run_training(args: argparse.Namespace) -> TrainResult:
         cfg = config_from_args(args, base=read_config(last))
     else:
         cfg = config_from_args(args)
-    with ProgressReporter() as reporter:
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
+    with ProgressReporter() if main_rank else contextlib.nullcontext() as reporter:
         return train(cfg, workspace, resume=bool(args.resume), reporter=reporter)
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`lmforge train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lmforge ...` (the same
+    arguments, without --nproc)."""
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "lmforge", *argv]
+    return subprocess.run(command, check=False).returncode
 
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.cli.runs import print_summary
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args)
     result = run_training(args)
-    print_summary(result.run_name, result.summary)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(result.run_name, result.summary)
     return 0

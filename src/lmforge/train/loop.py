@@ -11,10 +11,15 @@ One call, `train(cfg, workspace)`, runs or resumes a run to its stop limit. The 
 On CPU with fp32 and deterministic kernels, a run killed at any point and resumed from its last checkpoint
 repeats the uninterrupted run's per-step losses bit for bit: weights, optimizer state, the data position and the
 RNG state are all in the checkpoint, and metrics of steps after it are simply recomputed and overwritten.
+
+Under torchrun the same function runs on every rank (train/parallel.py): DDP around the model, each rank its own
+rows of the global batch, rank 0 alone writing the run folder, checkpoints and ledger. A checkpoint does not
+depend on the world size, so a run may resume with a different number of ranks and the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -43,6 +48,7 @@ from lmforge.model.transformer import Transformer, TransformerShape
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
+from lmforge.train.parallel import init_distributed, shutdown, wrap_data_parallel
 from lmforge.train.runtime import prepare_model, setup_runtime
 from lmforge.train.schedule import lr_multiplier
 from lmforge.workspace import Workspace
@@ -81,6 +87,13 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+class NoLedger:
+    """What ranks other than 0 write to: nothing (rank 0 keeps the run's records)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 class StopAfterStep:
@@ -148,10 +161,20 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
           reporter: Reporter | None = None) -> TrainResult:
     """Run (or, with resume=True, continue) the run `cfg.name` until a stop limit; return where it ended."""
     cfg.require_stop_condition()
-    reporter = reporter or SilentReporter()
     t = cfg.train
     runtime = setup_runtime(t)
-    torch.manual_seed(t.seed)
+    world, device = init_distributed(runtime.device)
+    runtime = dataclasses.replace(runtime, device=device)
+    try:
+        return _train(cfg, workspace, resume, reporter if world.main and reporter else SilentReporter(), runtime,
+                      world)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporter, runtime, world) -> TrainResult:
+    t = cfg.train
+    torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
 
     # run folder: a new run must not overwrite an old one; a resumed run must have a checkpoint
     name = cfg.name or default_run_name(cfg)
@@ -163,7 +186,7 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         if last is None:
             raise CheckpointError(f"run '{name}' has no checkpoint to resume from in {checkpoints_dir}; "
                                   f"start a new run with another --name")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif world.main and run_dir.exists() and any(run_dir.iterdir()):  # (rank 0 creates it below)
         raise ConfigError(f"run '{name}' already exists in {run_dir}; continue it with --resume {name} "
                           f"or choose another --name")
 
@@ -185,8 +208,9 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     model = Transformer(shape)
     model.to(runtime.device)
     optimizers = build_optimizers(model, t, runtime.device.type)
-    world_size = 1
-    loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=0, world_size=world_size, seed=t.seed)
+    world_size = world.world_size
+    loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=world.rank, world_size=world_size,
+                         seed=t.seed)
     counters = Counters()
     if resume:
         ckpt = load_checkpoint(last)
@@ -205,7 +229,8 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         torch.set_rng_state(ckpt.train_state["rng"]["torch"])
         if runtime.device.type == "cuda" and ckpt.train_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
-    step_model = prepare_model(model, runtime)
+    parallel_model = wrap_data_parallel(model, world)
+    step_model = prepare_model(parallel_model, runtime)
 
     # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
@@ -224,14 +249,17 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
     params = count_params(shape)
     fpt = flops_per_token(shape, cfg.model.seq_len)
     tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world_size
-    ledger = Ledger(workspace.ledger_path)
     hardware = {**describe_machine(), "device": str(runtime.device), "profile": profile.name,
                 "peak_flops": peak, "dtype": runtime.dtype, "compile": runtime.compile,
-                "threads": torch.get_num_threads(), "energy_source": energy.label}
+                "threads": torch.get_num_threads(), "energy_source": energy.label, "world_size": world_size}
     # everything checked: only now does the run leave a trace (so a failed start can be retried under its name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
-    if resume:
+    ledger = Ledger(workspace.ledger_path) if world.main else NoLedger()
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
+    if not world.main:
+        run_id = None
+    elif resume:
         run_id = ledger.get_run(name)["id"]
         ledger.resume_run(run_id)
     else:
@@ -241,7 +269,11 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
                       "compile": runtime.compile, "peak_flops": peak, "energy_label": energy.label,
                       "resumed_at": counters.step if resume else None, "train_tokens": len(train_tokens)})
 
-    def save(counters: Counters) -> Path:
+    def save(counters: Counters) -> Path | None:
+        """Rank 0 writes the checkpoint; every rank calls this at the same step (energy is summed over ranks)."""
+        counters.energy_j = start_energy + world.total(energy.joules())
+        if not world.main:
+            return None
         state = {
             "optimizers": [opt.state_dict() for opt in optimizers],
             "loader": loader.state_dict(),
@@ -289,12 +321,15 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
             # 2. forward and backward over the micro-batches
             step_start = time.perf_counter()
             loss_sum = torch.zeros((), device=runtime.device)
-            for _ in range(t.grad_accum):
+            for micro in range(t.grad_accum):
                 x, y = next(loader)  # (B, T) each
                 x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-                with runtime.autocast():
-                    loss = step_model(x, y)
-                (loss / t.grad_accum).backward()
+                # DDP all-reduces the gradients on the last micro-batch only
+                last = micro == t.grad_accum - 1
+                with contextlib.nullcontext() if last or not world.distributed else parallel_model.no_sync():
+                    with runtime.autocast():
+                        loss = step_model(x, y)
+                    (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
             # 3. clip and step
             if t.grad_clip:
@@ -302,7 +337,7 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
-            loss_value = (loss_sum / t.grad_accum).item()
+            loss_value = world.mean(loss_sum / t.grad_accum).item()
             if not math.isfinite(loss_value):
                 raise LmforgeError(f"training loss became {loss_value} at step {counters.step + 1}; lower "
                                    f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
@@ -314,14 +349,17 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
             counters.flops += fpt * tokens_per_step
             counters.train_seconds += step_seconds
             counters.wall_seconds = start_wall + time.perf_counter() - wall0
-            counters.energy_j = start_energy + energy.joules()
+            counters.energy_j = start_energy + energy.joules() * world_size  # an estimate until summed at a save
+            # the values that decide when to stop, agreed: the slowest rank's clock, anyone's Ctrl-C
+            counters.wall_seconds, stop_asked = world.largest([counters.wall_seconds, float(ctrl_c.requested)])
             pending.append((counters.step, {"loss": loss_value, "lr_mult": mult, "tokens": counters.tokens,
                                             "flops": counters.flops, "time": counters.wall_seconds}))
             if counters.step % t.log_every == 0:
                 flush()
             tok_per_s = tokens_per_step / step_seconds
             reporter.stepped({"step": counters.step, "loss": loss_value, "lr_mult": mult, "tok_per_s": tok_per_s,
-                              "mfu": profile.mfu(fpt * tok_per_s, peak_dtype), "progress": progress_of(cfg, counters)})
+                              "mfu": profile.mfu(fpt * tok_per_s / world_size, peak_dtype),
+                              "progress": progress_of(cfg, counters)})
             # 5. validation and checkpoints
             if t.eval_every and counters.step % t.eval_every == 0:
                 val = validate()
@@ -329,7 +367,7 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
                 flush()  # metrics up to the checkpoint are durable before it exists
                 save(counters)
                 last_saved = counters.step
-            if ctrl_c.requested:  # finish the step, checkpoint it, stop: resuming repeats exactly what follows
+            if stop_asked:  # finish the step, checkpoint it, stop: resuming repeats exactly what follows
                 flush()
                 path = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
                 raise KeyboardInterrupt(f"stopped after step {counters.step}, checkpoint {path}; "
@@ -338,8 +376,8 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         if not val or t.eval_every == 0 or counters.step % t.eval_every:
             val = validate()
         counters.wall_seconds = start_wall + time.perf_counter() - wall0
-        counters.energy_j = start_energy + energy.joules()
         final = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
+        counters.energy_j = start_energy + world.total(energy.joules())
     except KeyboardInterrupt as e:  # stopped at a step boundary (checkpointed), or a second Ctrl-C (not)
         finish_quietly(ledger, run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
         raise
@@ -359,12 +397,13 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
         "steps": counters.step, "tokens": counters.tokens, "flops": counters.flops,
         "params": params["total"], "non_embedding_params": params["non_embedding"],
         "train_seconds": counters.train_seconds, "wall_seconds": counters.wall_seconds,
-        "tok_per_s": tok_per_s, "mfu": profile.mfu(fpt * tok_per_s, peak_dtype), "peak_flops": peak,
+        "tok_per_s": tok_per_s, "mfu": profile.mfu(fpt * tok_per_s / world_size, peak_dtype), "peak_flops": peak,
         "val_loss": val.get("val_loss"), "val_bpb": val.get("val_bpb"),
         "energy_j": counters.energy_j, "energy_measured": energy.measured, "energy_label": energy.label,
         "kwh": cost["kwh"], "cost_usd": cost["cost_usd"], "co2_kg": cost["co2_kg"],
         "price_per_hour": profile.price_per_hour, "carbon_g_per_kwh": carbon,
         "device": str(runtime.device), "profile": profile.name, "checkpoint": str(final), "pid": os.getpid(),
+        "world_size": world_size,
     }
     ledger.finish_run(run_id, "completed", summary=summary)
     return TrainResult(name, run_dir, final, summary)
