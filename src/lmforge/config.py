@@ -159,6 +159,27 @@ class MeterConfig:
 
 
 @dataclass
+class SitesConfig:
+    count: int = option(
+        1, "Sites trained with DiLoCo: replicas that train on their own and average what they learned every "
+        "sync_every steps. 1 = ordinary training. The processes (--nproc, torchrun) are split evenly among sites; "
+        "the ranks of one site are data-parallel among themselves.",
+    )
+    sync_every: int = option(50, "DiLoCo H: inner optimizer steps between two outer steps.")
+    outer_lr: float = option(0.7, "Outer learning rate (Nesterov SGD on the averaged pseudo-gradient; DiLoCo's 0.7).")
+    outer_momentum: float = option(0.9, "Outer Nesterov momentum (DiLoCo's 0.9).")
+    wire: str = option(
+        "bf16", "Precision of the pseudo-gradients sent between sites: fp32, bf16, or int8 with one fp32 scale "
+        "per 256 values; they are always summed in fp32.", choices=("fp32", "bf16", "int8"),
+    )
+    link: str = option(
+        "datacenter", "The link between sites, whose latency and bandwidth delay every cross-site transfer: a "
+        "preset (datacenter, cross-region, starlink, geo-satellite, laser-isl) or 'up=15Mbit,down=100Mbit,"
+        "latency=40ms'.",
+    )
+
+
+@dataclass
 class RunConfig:
     name: str = option("", "Run name (a folder under <workspace>/runs); empty = a timestamped name.")
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,6 +187,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     meter: MeterConfig = field(default_factory=MeterConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
 
     # -- names of the artefacts this config reads and writes in the workspace --
 
@@ -182,7 +204,8 @@ class RunConfig:
         positive = [("tokenizer", "vocab_size"), ("model", "depth"), ("model", "seq_len"),
                     ("model", "aspect_ratio"), ("model", "head_dim"), ("model", "kv_group"),
                     ("train", "batch_size"), ("train", "grad_accum"), ("train", "keep_last"),
-                    ("train", "log_every"), ("train", "lr"), ("tokenizer", "min_frequency")]
+                    ("train", "log_every"), ("train", "lr"), ("tokenizer", "min_frequency"),
+                    ("sites", "count"), ("sites", "sync_every"), ("sites", "outer_lr")]
         for section, name in positive:
             if getattr(getattr(self, section), name) <= 0:
                 raise ConfigError(f"{flag(section, name)} must be positive, got {getattr(getattr(self, section), name)}")
@@ -197,6 +220,8 @@ class RunConfig:
             raise ConfigError("--data.source is empty; pass a directory, a .jsonl or .parquet file, or 'stdlib'")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not 0.0 <= self.sites.outer_momentum < 1.0:
+            raise ConfigError(f"--sites.outer_momentum must be in [0, 1), got {self.sites.outer_momentum}")
         if not 0.0 <= self.train.decay_frac <= 1.0 or not 0.0 <= self.train.min_lr_frac <= 1.0:
             raise ConfigError("--train.decay_frac and --train.min_lr_frac must be in [0, 1]")
         if self.data.token_dtype == "uint16" and self.tokenizer.vocab_size > 2**16:
@@ -235,6 +260,7 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig, "meter": MeterConfig,
+    "sites": SitesConfig,
 }
 
 

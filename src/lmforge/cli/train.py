@@ -35,6 +35,11 @@ Data parallel: --nproc N starts N processes on this machine through torchrun; th
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m lmforge train ...
 Each process takes --train.batch_size rows, so the global batch is N x batch_size (and a run resumes
 with any N that keeps that product).
+
+Across sites joined by slow links (DiLoCo): the processes form K sites that train on their own and
+average what they learned every H steps, sending 1/H of DDP's traffic or less (bf16/int8 on the wire):
+  lmforge train --config my.yaml --nproc 4 --sites 2 --sync-every 50 --link starlink
+Every cross-site transfer is delayed to what the link would take, so the run shows the real link's wall time.
 """
 
 
@@ -43,7 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "config (flags still override single settings)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine, "
                    "started through torchrun (default 1; GPUs: one per GPU)")
-    add_config_arguments(p, ("run", "data", "tokenizer", "model", "train", "meter"))
+    p.add_argument("--sites", type=int, dest="cfg:sites.count", default=argparse.SUPPRESS, metavar="K",
+                   help="train K sites with DiLoCo (= --sites.count; the processes are split among them)")
+    p.add_argument("--sync-every", type=int, dest="cfg:sites.sync_every", default=argparse.SUPPRESS, metavar="H",
+                   help="DiLoCo: inner steps between outer steps (= --sites.sync_every)")
+    p.add_argument("--link", dest="cfg:sites.link", default=argparse.SUPPRESS, metavar="LINK",
+                   help="the link between sites: a preset or 'up=..,down=..,latency=..' (= --sites.link)")
+    add_config_arguments(p, ("run", "data", "tokenizer", "model", "train", "meter", "sites"))
 
 
 class ProgressReporter:

@@ -48,6 +48,7 @@ from lmforge.model.transformer import Transformer, TransformerShape
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
+from lmforge.train.diloco import DiLoCo, site_groups
 from lmforge.train.parallel import init_distributed, shutdown, wrap_data_parallel
 from lmforge.train.runtime import prepare_model, setup_runtime
 from lmforge.train.schedule import lr_multiplier
@@ -79,6 +80,8 @@ class Counters:
     train_seconds: float = 0.0  # time inside training steps
     wall_seconds: float = 0.0   # everything: steps, validation, checkpoints
     energy_j: float = 0.0
+    comm_bytes: int = 0  # DiLoCo: bytes this site's rank 0 sent to the other sites
+    comm_seconds: float = 0.0  # DiLoCo: time in outer exchanges (part of train_seconds)
 
 
 @dataclass
@@ -229,7 +232,16 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         torch.set_rng_state(ckpt.train_state["rng"]["torch"])
         if runtime.device.type == "cuda" and ckpt.train_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
-    parallel_model = wrap_data_parallel(model, world)
+    diloco = None
+    if cfg.sites.count > 1:
+        if t.checkpoint_every % cfg.sites.sync_every:
+            raise ConfigError(f"--train.checkpoint_every {t.checkpoint_every} must be a multiple of "
+                              f"--sites.sync_every {cfg.sites.sync_every}: checkpoints follow an outer step")
+        site, site_group, cross_group = site_groups(world, cfg.sites.count)
+        diloco = DiLoCo(model, cfg.sites, world, cross_group)
+        if resume:
+            diloco.load_state_dict(ckpt.train_state["diloco"])
+    parallel_model = wrap_data_parallel(model, world, cfg.sites.count, site_group if diloco else None)
     step_model = prepare_model(parallel_model, runtime)
 
     # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
@@ -278,6 +290,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             "optimizers": [opt.state_dict() for opt in optimizers],
             "loader": loader.state_dict(),
             "counters": dataclasses.asdict(counters),
+            "diloco": diloco.state_dict() if diloco else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None},
         }
@@ -297,6 +310,13 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         return metrics
 
     pending: list[tuple[int, dict[str, float]]] = []
+
+    def sync_sites() -> None:
+        """An outer step now, if the last one was not this step: what is saved at the end is the global model."""
+        if diloco is not None and counters.step % cfg.sites.sync_every:
+            outer = diloco.outer_step()
+            counters.comm_bytes += outer.bytes_sent
+            counters.comm_seconds += outer.seconds
 
     def flush() -> None:
         for step, metrics in pending:
@@ -341,10 +361,13 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             if not math.isfinite(loss_value):
                 raise LmforgeError(f"training loss became {loss_value} at step {counters.step + 1}; lower "
                                    f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
+            counters.step += 1
+            outer = None
+            if diloco is not None and counters.step % cfg.sites.sync_every == 0:
+                outer = diloco.outer_step()
             # 4. counters and metrics
             step_seconds = time.perf_counter() - step_start
             energy.sample()
-            counters.step += 1
             counters.tokens += tokens_per_step
             counters.flops += fpt * tokens_per_step
             counters.train_seconds += step_seconds
@@ -354,6 +377,11 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             counters.wall_seconds, stop_asked = world.largest([counters.wall_seconds, float(ctrl_c.requested)])
             pending.append((counters.step, {"loss": loss_value, "lr_mult": mult, "tokens": counters.tokens,
                                             "flops": counters.flops, "time": counters.wall_seconds}))
+            if outer is not None:
+                counters.comm_bytes += outer.bytes_sent
+                counters.comm_seconds += outer.seconds
+                pending[-1][1].update(comm_bytes=counters.comm_bytes, comm_seconds=counters.comm_seconds,
+                                      replica_spread=outer.replica_spread)
             if counters.step % t.log_every == 0:
                 flush()
             tok_per_s = tokens_per_step / step_seconds
@@ -369,10 +397,12 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                 last_saved = counters.step
             if stop_asked:  # finish the step, checkpoint it, stop: resuming repeats exactly what follows
                 flush()
+                sync_sites()
                 path = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
                 raise KeyboardInterrupt(f"stopped after step {counters.step}, checkpoint {path}; "
                                         f"continue with --resume {name}")
         flush()
+        sync_sites()
         if not val or t.eval_every == 0 or counters.step % t.eval_every:
             val = validate()
         counters.wall_seconds = start_wall + time.perf_counter() - wall0
@@ -405,5 +435,11 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         "device": str(runtime.device), "profile": profile.name, "checkpoint": str(final), "pid": os.getpid(),
         "world_size": world_size,
     }
+    if diloco is not None:
+        compute = counters.train_seconds - counters.comm_seconds
+        summary |= {"sites": cfg.sites.count, "sync_every": cfg.sites.sync_every, "wire": cfg.sites.wire,
+                    "link": cfg.sites.link, "comm_bytes_per_site": counters.comm_bytes,
+                    "comm_seconds": counters.comm_seconds,
+                    "compute_utilisation": compute / counters.train_seconds if counters.train_seconds else None}
     ledger.finish_run(run_id, "completed", summary=summary)
     return TrainResult(name, run_dir, final, summary)

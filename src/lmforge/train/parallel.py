@@ -87,13 +87,14 @@ def init_distributed(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, world_size, local_rank), device
 
 
-def wrap_data_parallel(model: nn.Module, world: World) -> nn.Module:
-    """DDP around the model in a multi-process run (the model itself is unchanged; it still holds the weights)."""
-    if not world.distributed:
+def wrap_data_parallel(model: nn.Module, world: World, sites: int = 1, site_group: object = None) -> nn.Module:
+    """DDP around the model over all ranks, or over the ranks of this rank's site (DiLoCo); the model itself is
+    unchanged and still holds the weights. A site of one rank needs no wrapper."""
+    if world.world_size // sites == 1:
         return model
     device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
     # buffers (RoPE tables) are computed identically on every rank: nothing to broadcast before each forward
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, process_group=site_group)
 
 
 def shutdown(world: World) -> None:
