@@ -172,6 +172,14 @@ class SitesConfig:
         "bf16", "Precision of the pseudo-gradients sent between sites: fp32, bf16, or int8 with one fp32 scale "
         "per 256 values; they are always summed in fp32.", choices=("fp32", "bf16", "int8"),
     )
+    fragments: int = option(
+        1, "Streaming DiLoCo: cut the model into this many fragments, exchanged at staggered steps (each carries "
+        "1/fragments of the model; every fragment is still exchanged every sync_every steps).",
+    )
+    overlap_steps: int = option(
+        0, "Overlap each exchange with this many inner steps before its outer update is applied (0 = wait for "
+        "it); must be less than sync_every.",
+    )
     link: str = option(
         "datacenter", "The link between sites, whose latency and bandwidth delay every cross-site transfer: a "
         "preset (datacenter, cross-region, starlink, geo-satellite, laser-isl) or 'up=15Mbit,down=100Mbit,"
@@ -205,7 +213,7 @@ class RunConfig:
                     ("model", "aspect_ratio"), ("model", "head_dim"), ("model", "kv_group"),
                     ("train", "batch_size"), ("train", "grad_accum"), ("train", "keep_last"),
                     ("train", "log_every"), ("train", "lr"), ("tokenizer", "min_frequency"),
-                    ("sites", "count"), ("sites", "sync_every"), ("sites", "outer_lr")]
+                    ("sites", "count"), ("sites", "sync_every"), ("sites", "outer_lr"), ("sites", "fragments")]
         for section, name in positive:
             if getattr(getattr(self, section), name) <= 0:
                 raise ConfigError(f"{flag(section, name)} must be positive, got {getattr(getattr(self, section), name)}")
@@ -220,6 +228,8 @@ class RunConfig:
             raise ConfigError("--data.source is empty; pass a directory, a .jsonl or .parquet file, or 'stdlib'")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not 0 <= self.sites.overlap_steps < self.sites.sync_every:
+            raise ConfigError(f"--sites.overlap_steps must be in [0, sync_every), got {self.sites.overlap_steps}")
         if not 0.0 <= self.sites.outer_momentum < 1.0:
             raise ConfigError(f"--sites.outer_momentum must be in [0, 1), got {self.sites.outer_momentum}")
         if not 0.0 <= self.train.decay_frac <= 1.0 or not 0.0 <= self.train.min_lr_frac <= 1.0:

@@ -236,3 +236,16 @@ class DelayedCollectives:
             return work
         work.wait()
         return None
+
+    def all_gather(self, tensors: list[torch.Tensor], tensor: torch.Tensor,
+                   async_op: bool = False) -> DelayedWork | None:
+        """dist.all_gather of every rank's `tensor` into `tensors` (one per rank, in rank order)."""
+        participants = dist.get_world_size(self.group)
+        nbytes = tensor.numel() * tensor.element_size()
+        modelled = self.link.all_gather_seconds(nbytes, participants)
+        work = DelayedWork(dist.all_gather(tensors, tensor, group=self.group, async_op=True), self.stats, modelled,
+                           (participants - 1) * nbytes)
+        if async_op:
+            return work
+        work.wait()
+        return None

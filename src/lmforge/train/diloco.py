@@ -11,12 +11,14 @@ own inner optimizer (whose state it keeps). Then the outer step, the same on eve
     b   = μ b + Δ;  θ -= lr (Δ + μ b)   Nesterov SGD (outer lr 0.7, μ 0.9 as in the paper)
 
 and every site continues from the new θ. Only rank j of each site talks to rank j of the others (one cross-site
-group per j), and each such transfer is delayed to what the configured link would take (dist/link.py), so a run on
-one machine shows the wall time of the real link. The bytes each rank sends and the seconds it spends in the outer
+group per j), and each such transfer is delayed to what the configured link would take (DelayedCollectives in
+dist/link.py), so a run on one machine shows the wall time of the real link. The bytes each rank sends and the seconds it spends in the outer
 exchange are counted for the ledger.
 
-Checkpoints are taken right after an outer step (checkpoint_every must be a multiple of H), when every site holds
-θ; they keep θ, the outer momentum and site 0's inner optimizer state, which every site resumes from.
+Checkpoints are taken at multiples of H; they keep θ, the outer momentum, site 0's weights and site 0's inner
+optimizer state, which every site resumes from. With plain DiLoCo the sites hold θ at that step, so only the other
+sites' inner optimizer states are lost; with streaming or overlap the exchanges in flight are applied first and
+the other sites' progress since their last exchange is lost too.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from lmforge.config import SitesConfig
-from lmforge.dist.link import Link, parse_link
+from lmforge.dist.link import DelayedCollectives, parse_link
 from lmforge.errors import ConfigError
 from lmforge.train.parallel import World
 
@@ -41,8 +43,9 @@ INT8_BLOCK = 256  # values sharing one fp32 scale on an int8 wire
 @dataclass
 class OuterStats:
     bytes_sent: int  # by this rank, for this outer step
-    seconds: float  # in the exchange, including the link's modelled delay
-    replica_spread: float  # max - min over ranks of a hash of θ: 0 when every replica is identical
+    waited: float  # seconds training stood still for it (less than `seconds` when it overlapped with steps)
+    seconds: float  # from sending to the outer update, including the link's modelled time
+    replica_spread: float  # max - min over ranks of a hash of θ: 0 when every rank holds the same θ
 
 
 def site_groups(world: World, count: int) -> tuple[int, object, object]:
@@ -86,59 +89,134 @@ def decode(parts: list[torch.Tensor], wire: str, n: int) -> torch.Tensor:
     return parts[0].float()
 
 
+@dataclass
+class Exchange:
+    """One fragment's pseudo-gradient on its way: started at `step`, finished `overlap` steps later."""
+    fragment: int
+    step: int
+    works: list  # DelayedWork handles
+    received: list  # fp32: [the all-reduced delta]; else per wire part, one tensor per site
+    local: torch.Tensor  # the fragment's local weights when it was sent (to keep the progress made since)
+    started: float
+    sent_bytes: float
+
+
 class DiLoCo:
-    """The outer loop of one rank: holds θ and the outer momentum; `outer_step()` after every H inner steps."""
+    """The outer loop of one rank: holds θ and the outer momentum; `after_step(step)` after every inner step.
+
+    Streaming (`fragments` F > 1): the parameters are cut into F fragments of about equal size, and fragment f is
+    exchanged at steps s with s % H == f * H // F, so each exchange carries 1/F of the model and the link is busy
+    more evenly. Overlap (`overlap_steps` τ > 0): an exchange is started, the site keeps training, and only τ
+    steps later is the outer step applied, keeping the progress the site made meanwhile:
+    θ_site ← θ_new + (θ_site_now - θ_site_when_sent). With τ = 0 and F = 1 this is plain DiLoCo.
+    """
 
     def __init__(self, model: nn.Module, cfg: SitesConfig, world: World, cross_group: object):
-        self.model, self.cfg, self.world, self.group = model, cfg, world, cross_group
-        self.link: Link = parse_link(cfg.link)
+        self.cfg, self.world = cfg, world
+        # each exchange takes as long as the link would (the real transfer, then a sleep for the rest)
+        self.comm = DelayedCollectives(parse_link(cfg.link), cross_group)
         self.sites = cfg.count
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.theta = parameters_to_vector(self.params).detach().clone().float()  # (N,) the global weights
         self.momentum = torch.zeros_like(self.theta)
+        self.fragments = fragment_bounds([p.numel() for p in self.params], cfg.fragments)  # [(start, end)] in θ
+        self.pending: list[Exchange] = []
 
-    def outer_step(self) -> OuterStats:
-        start = time.perf_counter()
-        n = self.theta.numel()
-        delta = self.theta - parameters_to_vector(self.params).detach().float()  # (N,)
-        wire = self.cfg.wire
-        if wire == "fp32":  # summed by the all-reduce itself, in fp32
-            dist.all_reduce(delta, group=self.group)
-            total, payload = delta, delta.numel() * 4
-            sent = 2 * (self.sites - 1) * payload // self.sites  # ring all-reduce: each rank sends 2(K-1)/K of it
-            modelled = self.link.all_reduce_seconds(payload, self.sites)
+    def after_step(self, step: int) -> list[OuterStats]:
+        """Finish the exchanges due at this step, then start the ones due; the outer steps completed now."""
+        done = [self._finish(e) for e in self.pending if step - e.step >= self.cfg.overlap_steps]
+        self.pending = [e for e in self.pending if step - e.step < self.cfg.overlap_steps]
+        for f in range(len(self.fragments)):
+            if step % self.cfg.sync_every == f * self.cfg.sync_every // len(self.fragments) % self.cfg.sync_every:
+                self.pending.append(self._start(f, step))
+        if self.cfg.overlap_steps == 0:
+            done += [self._finish(e) for e in self.pending]
+            self.pending = []
+        return done
+
+    def finish_pending(self) -> list[OuterStats]:
+        """Apply every exchange in flight now (before a checkpoint: what is in flight cannot be saved)."""
+        done = [self._finish(e) for e in self.pending]
+        self.pending = []
+        return done
+
+    def sync_all(self, step: int) -> list[OuterStats]:
+        """Finish every exchange in flight and exchange every fragment now (blocking): every site then holds θ.
+        At the end of a run, so what is saved is the global model."""
+        done = self.finish_pending()
+        return done + [self._finish(self._start(f, step)) for f in range(len(self.fragments))]
+
+    def _flat(self, start: int, end: int) -> torch.Tensor:
+        return parameters_to_vector(self.params).detach().float()[start:end]
+
+    def _start(self, f: int, step: int) -> Exchange:
+        start, end = self.fragments[f]
+        local = self._flat(start, end)  # (n,)
+        delta = self.theta[start:end] - local  # the pseudo-gradient Δ_s of this fragment
+        sent = self.comm.stats.bytes_sent
+        if self.cfg.wire == "fp32":  # summed by the all-reduce itself, in fp32
+            works, received = [self.comm.all_reduce(delta, async_op=True)], [delta]
         else:  # gathered, then summed in fp32 in site order: low-precision values are never added to each other
-            parts = encode(delta, wire)
-            gathered = []
-            for part in parts:
+            works, received = [], []
+            for part in encode(delta, self.cfg.wire):
                 pieces = [torch.empty_like(part) for _ in range(self.sites)]
-                dist.all_gather(pieces, part, group=self.group)
-                gathered.append(pieces)
-            total = torch.zeros_like(delta)
+                works.append(self.comm.all_gather(pieces, part, async_op=True))
+                received.append(pieces)
+        return Exchange(f, step, works, received, local, time.perf_counter(), self.comm.stats.bytes_sent - sent)
+
+    def _finish(self, e: Exchange) -> OuterStats:
+        waited = time.perf_counter()
+        sent_before = self.comm.stats.bytes_sent
+        for work in e.works:
+            work.wait()
+        waited = time.perf_counter() - waited
+        start, end = self.fragments[e.fragment]
+        if self.cfg.wire == "fp32":
+            total = e.received[0]
+        else:
+            total = torch.zeros(end - start, device=self.theta.device)
             for site in range(self.sites):
-                total += decode([pieces[site] for pieces in gathered], wire, n)
-            payload = sum(p.numel() * p.element_size() for p in parts)
-            sent = (self.sites - 1) * payload  # ring all-gather: each rank passes on every other site's payload
-            modelled = self.link.all_gather_seconds(payload, self.sites)
+                total += decode([pieces[site] for pieces in e.received], self.cfg.wire, end - start)
         mean = total / self.sites
         # Nesterov SGD on θ with the mean pseudo-gradient as its gradient (torch.optim.SGD's arithmetic)
-        self.momentum.mul_(self.cfg.outer_momentum).add_(mean)
-        self.theta.sub_(self.cfg.outer_lr * (mean + self.cfg.outer_momentum * self.momentum))
+        theta, momentum = self.theta[start:end], self.momentum[start:end]
+        momentum.mul_(self.cfg.outer_momentum).add_(mean)
+        theta.sub_(self.cfg.outer_lr * (mean + self.cfg.outer_momentum * momentum))
+        site = theta + (self._flat(start, end) - e.local)  # θ_new plus what the site learned since sending
         offset = 0
         for p in self.params:  # copied in: the parameters must never share θ's memory
-            p.data.copy_(self.theta[offset:offset + p.numel()].view_as(p))
+            lo, hi = max(start, offset), min(end, offset + p.numel())
+            if lo < hi:
+                p.data.view(-1)[lo - offset:hi - offset].copy_(site[lo - start:hi - start])
             offset += p.numel()
-        # the link: what is left of its modelled time after the real transfer
-        time.sleep(max(0.0, modelled - (time.perf_counter() - start)))
-        # 48 bits of a hash of θ's bytes (exact in a float64): equal on every rank iff the replicas are identical
+        # 48 bits of a hash of θ's bytes (exact in a float64): equal on every rank iff the replicas agree on θ
         digest = int.from_bytes(hashlib.blake2b(self.theta.cpu().numpy().tobytes(), digest_size=6).digest(), "big")
         high, low = self.world.largest([float(digest), -float(digest)])
-        return OuterStats(sent, time.perf_counter() - start, high + low)
+        bytes_sent = e.sent_bytes + self.comm.stats.bytes_sent - sent_before
+        return OuterStats(int(bytes_sent), waited, time.perf_counter() - e.started, high + low)
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum.clone()}
+        return {"theta": self.theta.clone(), "momentum": self.momentum.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """After the model's weights are loaded (they are θ: checkpoints follow an outer step)."""
-        self.theta = parameters_to_vector(self.params).detach().clone().float()
+        self.theta = state["theta"].to(self.theta.device)
         self.momentum = state["momentum"].to(self.theta.device)
+
+
+def fragment_bounds(sizes: list[int], fragments: int) -> list[tuple[int, int]]:
+    """Cut a flat vector of parameters with these sizes into `fragments` runs of whole parameters, of about equal
+    size: [(start, end)] offsets into it."""
+    total = sum(sizes)
+    if fragments > len(sizes):
+        raise ConfigError(f"--sites.fragments {fragments} exceeds the model's {len(sizes)} parameter tensors; "
+                          f"use at most that many")
+    bounds, start, offset = [], 0, 0
+    for i, size in enumerate(sizes):
+        offset += size
+        remaining_params, remaining_fragments = len(sizes) - i - 1, fragments - len(bounds) - 1
+        if remaining_fragments and (offset >= total * (len(bounds) + 1) / fragments
+                                    or remaining_params == remaining_fragments):
+            bounds.append((start, offset))
+            start = offset
+    bounds.append((start, total))
+    return bounds

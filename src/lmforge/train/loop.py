@@ -284,6 +284,8 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     def save(counters: Counters) -> Path | None:
         """Rank 0 writes the checkpoint; every rank calls this at the same step (energy is summed over ranks)."""
         counters.energy_j = start_energy + world.total(energy.joules())
+        if diloco is not None:
+            count_exchanges(diloco.finish_pending())
         if not world.main:
             return None
         state = {
@@ -311,12 +313,15 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
 
     pending: list[tuple[int, dict[str, float]]] = []
 
+    def count_exchanges(outer: list) -> None:
+        counters.comm_bytes += sum(o.bytes_sent for o in outer)
+        counters.comm_seconds += sum(o.waited for o in outer)
+
     def sync_sites() -> None:
-        """An outer step now, if the last one was not this step: what is saved at the end is the global model."""
-        if diloco is not None and counters.step % cfg.sites.sync_every:
-            outer = diloco.outer_step()
-            counters.comm_bytes += outer.bytes_sent
-            counters.comm_seconds += outer.seconds
+        """Every site to the global weights (unless they are there already): what is saved at the end."""
+        if diloco is not None and (counters.step % cfg.sites.sync_every or diloco.pending or
+                                   len(diloco.fragments) > 1):
+            count_exchanges(diloco.sync_all(counters.step))
 
     def flush() -> None:
         for step, metrics in pending:
@@ -362,9 +367,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                 raise LmforgeError(f"training loss became {loss_value} at step {counters.step + 1}; lower "
                                    f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
             counters.step += 1
-            outer = None
-            if diloco is not None and counters.step % cfg.sites.sync_every == 0:
-                outer = diloco.outer_step()
+            outer = diloco.after_step(counters.step) if diloco is not None else []
             # 4. counters and metrics
             step_seconds = time.perf_counter() - step_start
             energy.sample()
@@ -377,11 +380,10 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             counters.wall_seconds, stop_asked = world.largest([counters.wall_seconds, float(ctrl_c.requested)])
             pending.append((counters.step, {"loss": loss_value, "lr_mult": mult, "tokens": counters.tokens,
                                             "flops": counters.flops, "time": counters.wall_seconds}))
-            if outer is not None:
-                counters.comm_bytes += outer.bytes_sent
-                counters.comm_seconds += outer.seconds
+            if outer:
+                count_exchanges(outer)
                 pending[-1][1].update(comm_bytes=counters.comm_bytes, comm_seconds=counters.comm_seconds,
-                                      replica_spread=outer.replica_spread)
+                                      replica_spread=max(o.replica_spread for o in outer))
             if counters.step % t.log_every == 0:
                 flush()
             tok_per_s = tokens_per_step / step_seconds
