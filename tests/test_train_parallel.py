@@ -100,3 +100,20 @@ def test_fragments_and_int8_wire():
     back = decode(parts, "int8", 1000)
     blocks = torch.nn.functional.pad(delta, (0, 24)).view(-1, 256).abs().amax(1).repeat_interleave(256)[:1000]
     assert ((back - delta).abs() <= blocks / 254 + 1e-7).all()  # within half a quantisation step
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(prepared):
+    """FSDP2 over 2 ranks (AdamW) steps like one process with the same global batch; its full-state checkpoint
+    resumes in one process."""
+    workspace, data = prepared
+    adamw = ["--train.optimizer", "adamw", "--train.lr", "0.003"]
+    assert main(["--workspace", str(workspace), "train", *data, "--name", "one-adamw", *STEPS, *adamw,
+                 "--train.batch_size", "8", "--train.checkpoint_every", "0"]) == 0
+    p = run_subprocess(workspace, "train", *data, "--name", "fsdp", *STEPS, *adamw, "--train.batch_size", "4",
+                       "--train.checkpoint_every", "6", "--nproc", "2", "--train.parallel", "fsdp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = losses(workspace, "one-adamw")
+    assert_same_losses(losses(workspace, "fsdp"), one)
+    shutil.rmtree(workspace / "runs" / "fsdp" / "checkpoints" / "step_00000012")
+    assert main(["--workspace", str(workspace), "train", "--resume", "fsdp", "--train.batch_size", "8"]) == 0
+    assert_same_losses(losses(workspace, "fsdp"), one)

@@ -95,6 +95,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    parallel: str = option(
+        "ddp", "How several processes share the work: 'ddp' = every process holds the whole model and gradients "
+        "are all-reduced; 'fsdp' = PyTorch's FSDP2 shards weights, gradients and optimizer state across processes, "
+        "for models that do not fit one device (AdamW only: Muon orthogonalises whole matrices).",
+        choices=("ddp", "fsdp"),
+    )
     optimizer: str = option(
         "muon", "'muon': Muon (orthogonalised momentum) for 2-D weight matrices and AdamW for embeddings, output "
         "head and norms; 'adamw': AdamW for everything.", choices=("muon", "adamw"),
@@ -228,6 +234,12 @@ class RunConfig:
             raise ConfigError("--data.source is empty; pass a directory, a .jsonl or .parquet file, or 'stdlib'")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.train.parallel == "fsdp" and self.train.optimizer != "adamw":
+            raise ConfigError("--train.parallel fsdp needs --train.optimizer adamw (Muon orthogonalises whole "
+                              "weight matrices, which FSDP shards across processes)")
+        if self.train.parallel == "fsdp" and self.sites.count > 1:
+            raise ConfigError("--train.parallel fsdp cannot be combined with --sites.count > 1 yet; use ddp inside "
+                              "each site")
         if not 0 <= self.sites.overlap_steps < self.sites.sync_every:
             raise ConfigError(f"--sites.overlap_steps must be in [0, sync_every), got {self.sites.overlap_steps}")
         if not 0.0 <= self.sites.outer_momentum < 1.0:

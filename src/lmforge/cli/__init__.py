@@ -27,9 +27,12 @@ VERBS = {
     "eval": "lmforge.cli.eval",
     "generate": "lmforge.cli.generate",
     "runs": "lmforge.cli.runs",
+    "export": "lmforge.cli.export",
+    "import": "lmforge.cli.import_hf",
     "serve": "lmforge.cli.serve",
     "guard": "lmforge.cli.guard",
     "plan-link": "lmforge.cli.plan_link",
+    "launch": "lmforge.cli.launch",
 }
 
 

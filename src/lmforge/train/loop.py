@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.atomic import write_file_atomic
 from lmforge.config import RunConfig
@@ -49,7 +50,14 @@ from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
 from lmforge.train.diloco import DiLoCo, site_groups
-from lmforge.train.parallel import init_distributed, shutdown, wrap_data_parallel
+from lmforge.train.parallel import (
+    full_state,
+    init_distributed,
+    load_full_state,
+    shard_model,
+    shutdown,
+    wrap_data_parallel,
+)
 from lmforge.train.runtime import prepare_model, setup_runtime
 from lmforge.train.schedule import lr_multiplier
 from lmforge.workspace import Workspace
@@ -210,6 +218,9 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     shape = model_shape(cfg, tokenizer.vocab_size)
     model = Transformer(shape)
     model.to(runtime.device)
+    fsdp = t.parallel == "fsdp"
+    if fsdp:
+        shard_model(model, world)  # before the optimizers: they must hold the sharded parameters
     optimizers = build_optimizers(model, t, runtime.device.type)
     world_size = world.world_size
     loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=world.rank, world_size=world_size,
@@ -218,14 +229,21 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     if resume:
         ckpt = load_checkpoint(last)
         check_shape(ckpt.meta.get("shape", {}), shape, last)
-        model.load_state_dict(ckpt.model_state)
         if ckpt.meta.get("tokenizer_hash") != tokenizer.hash:
             raise CheckpointError(f"checkpoint {last} was trained with another tokenizer than "
                                   f"{tokenizer.path} (it was retrained since); start a new run")
-        for opt, state in zip(optimizers, ckpt.train_state["optimizers"], strict=True):
-            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(state)  # moments and step counts from the checkpoint ...
-            for group, setting in zip(opt.param_groups, settings, strict=True):
+        settings = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
+        if "optimizers_by_name" in ckpt.train_state:  # written by an FSDP run: loads sharded or not
+            load_full_state(model, optimizers, ckpt.model_state, ckpt.train_state["optimizers_by_name"])
+        elif fsdp:
+            raise CheckpointError(f"checkpoint {last} was written by a DDP run; resume it with "
+                                  f"--train.parallel ddp")
+        else:
+            model.load_state_dict(ckpt.model_state)
+            for opt, state in zip(optimizers, ckpt.train_state["optimizers"], strict=True):
+                opt.load_state_dict(state)  # moments and step counts from the checkpoint ...
+        for opt, opt_settings in zip(optimizers, settings, strict=True):
+            for group, setting in zip(opt.param_groups, opt_settings, strict=True):
                 group.update(setting)  # ... learning rates, betas, decay from the config (flags may change them)
         loader.load_state_dict(ckpt.train_state["loader"])
         counters = Counters(**ckpt.train_state["counters"])
@@ -237,11 +255,15 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         if t.checkpoint_every % cfg.sites.sync_every:
             raise ConfigError(f"--train.checkpoint_every {t.checkpoint_every} must be a multiple of "
                               f"--sites.sync_every {cfg.sites.sync_every}: checkpoints follow an outer step")
-        site, site_group, cross_group = site_groups(world, cfg.sites.count)
+        _, site_group, cross_group = site_groups(world, cfg.sites.count)
         diloco = DiLoCo(model, cfg.sites, world, cross_group)
         if resume:
             diloco.load_state_dict(ckpt.train_state["diloco"])
-    parallel_model = wrap_data_parallel(model, world, cfg.sites.count, site_group if diloco else None)
+    parallel_model = model if fsdp else wrap_data_parallel(model, world, cfg.sites.count,
+                                                           site_group if diloco else None)
+    # DDP all-reduces gradients on the last micro-batch only (FSDP reduce-scatters every one)
+    accumulating = parallel_model.no_sync if isinstance(parallel_model, DistributedDataParallel) else \
+        contextlib.nullcontext
     step_model = prepare_model(parallel_model, runtime)
 
     # meter: peak FLOP/s for MFU, an energy reader (measured where possible, else a labelled estimate)
@@ -286,10 +308,16 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         counters.energy_j = start_energy + world.total(energy.joules())
         if diloco is not None:
             count_exchanges(diloco.finish_pending())
+        if fsdp:  # gathered from every rank's shards (a collective)
+            model_state, optimizer_states = full_state(model, optimizers)
+            optimizer_key = "optimizers_by_name"
+        else:
+            model_state, optimizer_states = model.state_dict(), [opt.state_dict() for opt in optimizers]
+            optimizer_key = "optimizers"
         if not world.main:
             return None
         state = {
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            optimizer_key: optimizer_states,
             "loader": loader.state_dict(),
             "counters": dataclasses.asdict(counters),
             "diloco": diloco.state_dict() if diloco else None,
@@ -297,7 +325,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                     "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None},
         }
         meta = {"shape": dataclasses.asdict(shape), "tokenizer_hash": tokenizer.hash, "params": params["total"]}
-        path = save_checkpoint(checkpoints_dir, counters.step, model.state_dict(), state, cfg.to_yaml(),
+        path = save_checkpoint(checkpoints_dir, counters.step, model_state, state, cfg.to_yaml(),
                                tokenizer_json, meta, t.keep_last)
         ledger.add_artifact(run_id, "checkpoint", str(path))
         reporter.checkpointed(path)
@@ -349,9 +377,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             for micro in range(t.grad_accum):
                 x, y = next(loader)  # (B, T) each
                 x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-                # DDP all-reduces the gradients on the last micro-batch only
-                last = micro == t.grad_accum - 1
-                with contextlib.nullcontext() if last or not world.distributed else parallel_model.no_sync():
+                with contextlib.nullcontext() if micro == t.grad_accum - 1 else accumulating():
                     with runtime.autocast():
                         loss = step_model(x, y)
                     (loss / t.grad_accum).backward()
@@ -440,7 +466,8 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     if diloco is not None:
         compute = counters.train_seconds - counters.comm_seconds
         summary |= {"sites": cfg.sites.count, "sync_every": cfg.sites.sync_every, "wire": cfg.sites.wire,
-                    "link": cfg.sites.link, "comm_bytes_per_site": counters.comm_bytes,
+                    "link": cfg.sites.link, "tokens_per_site": counters.tokens // cfg.sites.count,
+                    "comm_bytes_per_site": counters.comm_bytes,
                     "comm_seconds": counters.comm_seconds,
                     "compute_utilisation": compute / counters.train_seconds if counters.train_seconds else None}
     ledger.finish_run(run_id, "completed", summary=summary)

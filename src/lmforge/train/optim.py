@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import TrainConfig
 
@@ -96,8 +97,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str) -> li
             plain.append(p)
     adamw_groups = [g for g in (dict(params=decayed, weight_decay=cfg.weight_decay),
                                 dict(params=plain, weight_decay=0.0)) if g["params"]]
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())  # FSDP2: the fused kernel takes plain tensors
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                              fused=device_type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
+                              fused=device_type in ("cuda", "cpu") and not sharded)  # one kernel, not one per tensor
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if matrices:
         optimizers.append(Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum,

@@ -4,8 +4,10 @@ A run started by torchrun (`torchrun --nproc-per-node N -m lmforge train ...`, o
 runs that) has RANK / WORLD_SIZE / LOCAL_RANK in its environment; `init_distributed` joins the process group (NCCL
 on GPUs, Gloo on CPU) and says who this process is. Every rank builds the same model from the same seed, DDP
 all-reduces the gradients, and the data loader gives each rank its own rows of one global batch (data/loader.py),
-so N ranks with --train.batch_size B step exactly like one process with batch N*B. Only rank 0 writes: the run
-folder, checkpoints, the ledger, progress. The ranks agree every step on the values that decide when to stop
+so N ranks with --train.batch_size B step exactly like one process with batch N*B. With --train.parallel fsdp,
+FSDP2 (`fully_shard`, per block and then the whole model) shards weights, gradients and optimizer state instead;
+checkpoints then gather full state dicts (`full_state`) so they load with any world size, sharded or not. Only
+rank 0 writes: the run folder, checkpoints, the ledger, progress. The ranks agree every step on the values that decide when to stop
 (wall time, Ctrl-C), so none waits forever on a collective the others have left.
 """
 
@@ -18,6 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.errors import ConfigError
@@ -95,6 +105,34 @@ def wrap_data_parallel(model: nn.Module, world: World, sites: int = 1, site_grou
     device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
     # buffers (RoPE tables) are computed identically on every rank: nothing to broadcast before each forward
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, process_group=site_group)
+
+
+def shard_model(model: nn.Module, world: World) -> None:
+    """FSDP2 in place: each block is its own unit (gathered just before it runs, freed after), then the rest."""
+    if not world.distributed:
+        return
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list[dict]]:
+    """Whole (unsharded) model and optimizer state dicts, optimizer state keyed by parameter name: the same on every
+    world size. Collective under FSDP: every rank calls it; rank 0 gets the tensors."""
+    return get_model_state_dict(model, options=FULL), [get_optimizer_state_dict(model, opt, options=FULL)
+                                                       for opt in optimizers]
+
+
+def load_full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], model_state: dict,
+                    optimizer_states: list[dict]) -> None:
+    """The inverse of `full_state`, onto a sharded or plain model."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    for opt, state in zip(optimizers, optimizer_states, strict=True):
+        set_optimizer_state_dict(model, opt, state, options=options)
 
 
 def shutdown(world: World) -> None:
