@@ -333,7 +333,11 @@ class Engine:
         self.ledger, self.run_id = ledger, run_id
         self.guard = guard
         self.eos_id = self.tokenizer.eot_id
-        self.chat_stop_token_ids = (self.tokenizer.special_ids[END_OF_TURN],)
+        # a chat turn ends at <|end|> (imported tokenizers may lack it: then at the end-of-text token alone)
+        end_of_turn = self.tokenizer.special_ids.get(END_OF_TURN)
+        self.chat_stop_token_ids = () if end_of_turn is None else (end_of_turn,)
+        # an imported model may have more embedding rows than its tokenizer has tokens (padding): never sampled
+        self.vocab = self.tokenizer.vocab_size
 
         row_bytes = 2 * self.shape.n_layer * self.shape.n_kv_head * self.context_len * self.shape.head_dim * \
             (2 if self.dtype == torch.bfloat16 else 4)
@@ -667,10 +671,11 @@ class Engine:
         echo = [s.request.params.echo and s.request.params.logprobs is not None and s.index == 0 for s in seqs]
         if any(echo):  # prompt log-probabilities need every position's logits
             full = self.model(idx, kv_cache=view, start_pos=zeros).float()  # (B, T, V)
+            full = full[..., : self.vocab]
             logits = full[torch.arange(len(seqs)), last.to(self.device)]  # (B, V)
         else:
             full = None
-            logits = self.model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0].float()  # (B, V)
+            logits = self.model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab].float()
         view.commit(zeros)
         for s, n in zip(seqs, lengths):
             s.cached = n
@@ -692,7 +697,7 @@ class Engine:
         positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
         view = self.cache.rows(0, len(seqs))
         view.attend_len = max(s.cached for s in seqs)
-        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0].float()  # (B, V)
+        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab].float()  # (B, V)
         view.commit(positions)
         for s in seqs:
             s.cached += 1

@@ -1,0 +1,1 @@
+"""Bridges to other ecosystems: Hugging Face transformers export/import (hf.py)."""
