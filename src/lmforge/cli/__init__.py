@@ -32,6 +32,8 @@ VERBS = {
     "serve": "lmforge.cli.serve",
     "guard": "lmforge.cli.guard",
     "plan-link": "lmforge.cli.plan_link",
+    "plan": "lmforge.cli.plan",
+    "fit": "lmforge.cli.fit",
     "launch": "lmforge.cli.launch",
 }
 
