@@ -29,6 +29,7 @@ VERBS = {
     "runs": "lmforge.cli.runs",
     "export": "lmforge.cli.export",
     "import": "lmforge.cli.import_hf",
+    "finetune": "lmforge.cli.finetune",
     "serve": "lmforge.cli.serve",
     "guard": "lmforge.cli.guard",
     "plan-link": "lmforge.cli.plan_link",
