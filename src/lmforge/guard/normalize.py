@@ -388,3 +388,54 @@ def decoded_views(text: str) -> list[tuple[str, str]]:
     """(encoding, decoded text) for every encoding found in `text`, plus ("rot13", the text rot13'ed), which is
     always cheap and always included."""
     return [(d.name, d.text) for d in decodings(text)] + [("rot13", codecs.encode(text, "rot13"))]
+
+
+# --- 4. readings for a classifier ------------------------------------------------------------------------------
+
+READING_CHARS = 4096  # texts up to this long (every prompt) also get their obfuscation views and rot13 read
+READING_CONTEXT = 120  # characters kept on each side of a decoded run: the wrapper that says what to do with it
+MAX_READINGS = 8  # texts a classifier reads for one text, the text itself included
+# A leet character between two letters ("k1ll", "h4ck", "b0mb"): leetspeak, where "mp3", "1960s" or "5k" are not.
+# A classifier reads the leet views only of texts that have one; "mp3" read as "mpe" is noise, not a disguise.
+_LEET_INSIDE = re.compile(r"[a-z][013457@$!]+[a-z]")
+# Common English words: a rot13 view that holds more of them than the text itself is the text's real reading.
+_COMMON_WORDS = re.compile(r"\b(the|and|to|of|a|in|is|you|that|it|for|on|with|are|how|what|my|me|i|do|can|make|"
+                           r"write|tell|give|help|your|this|from|by|will|get|about|should|would|want|need|steps|"
+                           r"someone|people|into|without|best|way|kill|find|him|her|them)\b")
+
+
+def readings(text: str) -> list[str]:
+    """What a classifier should read to judge `text`: the text itself first, then each version of it with an
+    obfuscation undone (at most MAX_READINGS in all, no two alike), so that a request hidden by a trick is read
+    as the plain request it is:
+
+        normalized   look-alike letters and invisible characters folded (only when that changes more than case)
+        views        spaced-out letters joined, leetspeak decoded, stretched letters squeezed (obfuscation_views;
+                     the leet and squeezed ones only when a leet character sits between two letters)
+        rot13        the text rot13'ed, when that holds more common English words than the text does
+        decoded      each base64 / hex / URL-encoded run decoded in place, with READING_CONTEXT characters of
+                     the text around it (the wrapper: "decode this and answer: ...")
+
+    Views and rot13 are built only for texts up to READING_CHARS long; a longer text gets its decoded runs only
+    (a classifier reads a long text in windows, and every extra reading multiplies that cost)."""
+    out = [text]
+
+    def add(reading: str) -> None:
+        if len(out) < MAX_READINGS and reading.strip() and reading not in out:
+            out.append(reading)
+
+    if len(text) <= READING_CHARS:
+        normalized = normalize(text)
+        if normalized.text != " ".join(text.lower().split()):
+            add(normalized.text)
+        for name, view in obfuscation_views(normalized)[1:]:
+            if name == "collapsed" or _LEET_INSIDE.search(normalized.text):
+                add(view.text)
+        rotated = codecs.encode(normalized.text, "rot13")
+        common = len(_COMMON_WORDS.findall(rotated))
+        if common >= 2 and common > len(_COMMON_WORDS.findall(normalized.text)):
+            add(rotated)
+    for decoding in decodings(text):
+        start, end = decoding.span
+        add(text[max(0, start - READING_CONTEXT):start] + decoding.text + text[end:end + READING_CONTEXT])
+    return out
