@@ -68,6 +68,29 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+    if s.get("predicted"):
+        print_prediction(s["predicted"], s)
+
+
+def print_prediction(p: dict[str, Any], s: dict[str, Any]) -> None:
+    """What the planner predicted before the run (`lmforge plan`'s model), next to what happened."""
+    table = Table(title="predicted before the run vs actual", title_justify="left")
+    for column in ("", "predicted", "actual", "error"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def row(label: str, predicted: float | None, actual: float | None, text) -> None:
+        error = f"{(predicted / actual - 1) * 100:+.1f}%" if predicted and actual else "-"
+        table.add_row(label, text(predicted) if predicted is not None else "-",
+                      text(actual) if actual is not None else "-", error)
+
+    row("val loss", p.get("val_loss"), s.get("val_loss"), lambda v: f"{v:.4f}")
+    row("val bpb", p.get("val_bpb"), s.get("val_bpb"), lambda v: f"{v:.4f}")
+    row("time in training steps", p.get("wall_seconds"), s.get("train_seconds"), duration)
+    row("energy (kWh)", p.get("energy_kwh"), s.get("kwh"), lambda v: f"{v:.3g}")
+    row("cost", p.get("cost_usd"), s.get("cost_usd"), money)
+    out.print(table)
+    out.print(f"[dim]predicted with MFU {p['mfu']:.3f} ({p['mfu_source']}) and the law: {p['law']}[/]",
+              soft_wrap=True)
 
 
 def list_runs(ledger: Ledger, limit: int) -> None:

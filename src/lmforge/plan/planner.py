@@ -21,6 +21,7 @@ from lmforge.errors import ConfigError
 from lmforge.meter.hardware import DeviceProfile
 from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
 from lmforge.model.transformer import TransformerShape
+from lmforge.plan.history import bytes_per_token, measured_mfu, scaling_points
 from lmforge.plan.scaling import MIN_RUNS, PRIOR, ScalingLaw, ScalingPoint, fit
 
 BUDGET_KINDS = ("time", "usd", "kwh", "flops")
@@ -289,3 +290,50 @@ def make_plan(cfg: RunConfig, budget: Budget, profile: DeviceProfile, *, count: 
         energy_note=f"ESTIMATE: {count} x {profile.tdp_watts:g} W board power for the whole time",
         memory=memory, train_flags=flags,
     )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the planner expects of a run before it starts, kept in the ledger next to what happened."""
+    val_loss: float
+    val_bpb: float | None  # None: no bytes/token ratio for this tokenizer yet, or the law is the prior
+    wall_seconds: float  # training compute at the MFU below; validation and checkpoints not included
+    tokens: float
+    flops: float
+    energy_kwh: float  # board power x time (an estimate, like the planner's)
+    cost_usd: float | None
+    mfu: float
+    mfu_source: str
+    law: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict_run(cfg: RunConfig, shape: TransformerShape, peak_flops: float, profile: DeviceProfile, *,
+                world_size: int = 1, runs: list[dict] | None = None) -> Prediction | None:
+    """The planner's forecast for `cfg` as it is (its own size and stop limit), from the ledger's earlier runs:
+    their fit (else the prior) for the loss, their median MFU on this device (else DEFAULT_MFU) for the time.
+    None when the run stops only on something the planner cannot turn into tokens."""
+    runs = runs or []
+    t = cfg.train
+    measured = measured_mfu(runs, profile.name)
+    mfu, mfu_source = (measured[0], f"median of {measured[1]} runs") if measured else (DEFAULT_MFU, "default")
+    fpt = flops_per_token(shape, cfg.model.seq_len)
+    tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world_size
+    rate = peak_flops * mfu * world_size / fpt  # tokens per second
+    limits = [t.max_tokens or math.inf, t.max_steps * tokens_per_step or math.inf,
+              t.max_flops / fpt if t.max_flops else math.inf, t.max_time * rate if t.max_time else math.inf]
+    tokens = min(limits)
+    if not math.isfinite(tokens) or tokens <= 0:
+        return None
+    tokenizer = cfg.tokenizer_name()
+    law, why_prior = choose_law(scaling_points(runs, tokenizer), tokenizer)
+    loss = float(law.loss(count_params(shape)["non_embedding"], tokens))
+    ratio = bytes_per_token(runs, tokenizer) if not why_prior else None
+    seconds = tokens / rate
+    kwh = profile.tdp_watts * world_size * seconds / 3.6e6
+    price = profile.price_per_hour
+    return Prediction(loss, loss / math.log(2) / ratio if ratio else None, seconds, tokens, tokens * fpt, kwh,
+                      price * world_size * seconds / 3600 if price else None, mfu, mfu_source,
+                      law.source if not why_prior else f"prior ({why_prior})")

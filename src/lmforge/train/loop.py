@@ -46,6 +46,7 @@ from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine, r
 from lmforge.meter.ledger import Ledger
 from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
 from lmforge.model.transformer import Transformer, TransformerShape
+from lmforge.plan.planner import predict_run
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
@@ -298,6 +299,10 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         ledger.resume_run(run_id)
     else:
         run_id = ledger.start_run(name, "train", cfg.to_dict(), hardware, str(run_dir))
+    if world.main and not resume:  # the planner's forecast, kept for `lmforge runs show` to compare
+        prediction = predict_run(cfg, shape, peak, profile, world_size=world_size, runs=ledger.list_runs())
+        if prediction is not None:
+            ledger.update_summary(run_id, {"predicted": prediction.to_dict()})
     reporter.started({"run": name, "run_dir": run_dir, "shape": shape, "params": params, "flops_per_token": fpt,
                       "tokens_per_step": tokens_per_step, "device": str(runtime.device), "dtype": runtime.dtype,
                       "compile": runtime.compile, "peak_flops": peak, "energy_label": energy.label,
