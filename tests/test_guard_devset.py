@@ -16,6 +16,9 @@ DEVSET = Path(core.__file__).parent / "assets" / "devset.jsonl"
 HAZARDS = sorted(set(core.CATEGORIES) - {"pii"})  # pii is found by pattern and has no prompts here
 KINDS = {"harmful": {"plain", "obfuscated"}, "benign": {"lookalike", "everyday"}}
 FIELDS = {"text", "label", "category", "split", "kind"}
+# The first two blocks (lines 1-1632) were split 70/30; the third block, written later to train the semantic head,
+# is train only (DEVSET.md), so the held-out share is checked on the first two.
+SPLIT_BLOCKS_END = 1632
 # Words too common to say two prompts are alike ("what's the difference between ..." is not a near-duplicate).
 FILLER = {
     "the", "and", "for", "you", "your", "how", "what", "what's", "can", "with", "that", "this", "are", "who", "why",
@@ -72,10 +75,15 @@ def test_obfuscated_prompts_use_the_tricks_they_claim(rows):
 
 
 def test_heldout_is_about_thirty_percent_of_every_stratum(rows):
-    strata = Counter((r["label"], r["category"], r["kind"]) for r in rows)
-    heldout = Counter((r["label"], r["category"], r["kind"]) for r in rows if r["split"] == "heldout")
+    split_rows = rows[:SPLIT_BLOCKS_END]
+    strata = Counter((r["label"], r["category"], r["kind"]) for r in split_rows)
+    heldout = Counter((r["label"], r["category"], r["kind"]) for r in split_rows if r["split"] == "heldout")
     for stratum, total in strata.items():
         assert 0.2 <= heldout[stratum] / total <= 0.4, f"{stratum}: {heldout[stratum]} of {total} held out"
+
+
+def test_third_block_is_train_only(rows):
+    assert all(r["split"] == "train" for r in rows[SPLIT_BLOCKS_END:])
 
 
 def test_no_duplicate_texts(rows):

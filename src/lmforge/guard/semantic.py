@@ -14,7 +14,7 @@ Why two layers. The last layer's mean (the sentence embedding) is trained to put
 together, which is what a guard must not rely on: "how do I kill a Python process" and "how do I kill my
 neighbour" share a topic word, and a harmful request and its safe look-alike ("how do I spot a phishing email")
 share a topic. Adding the mean of the middle layer (3 of 6), which keeps more of the words and their order, made
-the head separate them better: on 5-fold cross-validation over the shipped train split (1,166 prompts), the area
+the head separate them better: on 5-fold cross-validation over the train split as it was then (1,166 prompts), the area
 under the ROC curve of 1 - p(benign) rose from 0.968 (last layer only) to 0.987; adding more layers gained
 little (0.989 with all seven).
 
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--seed", type=int, default=0, help="seeds the fit/calibration split (and the folds)")
     train.add_argument("--out", default=str(SHIPPED_HEAD), help="where to write the head (default: the shipped "
                        "head, guard/assets/semantic_head.safetensors)")
-    # 1e-4: chosen by `cv` on the shipped train split (ROC AUC 0.986 at 1e-4, 0.985 at 3e-4, 0.982 at 1e-3; head +
+    # 1e-4: chosen by `cv` on the train split of 1,166 prompts (ROC AUC 0.986 at 1e-4, 0.985 at 3e-4, 0.982 at 1e-3; head +
     # rules at threshold 0.55: 0.956 blocked / 0.040 refused at 1e-4); stronger penalties blur the boundary
     train.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights")
     cv.add_argument("--folds", type=int, default=5, help="number of folds")
