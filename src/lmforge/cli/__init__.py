@@ -35,6 +35,7 @@ VERBS = {
     "plan-link": "lmforge.cli.plan_link",
     "plan": "lmforge.cli.plan",
     "fit": "lmforge.cli.fit",
+    "report": "lmforge.cli.report",
     "sweep": "lmforge.cli.sweep",
     "launch": "lmforge.cli.launch",
 }
