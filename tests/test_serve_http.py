@@ -538,7 +538,9 @@ def serve_process(workspace: Path, *args: str) -> Iterator[tuple[str, str, dict]
         selector.register(process.stderr, selectors.EVENT_READ)
         line, deadline = "", time.monotonic() + 60
         while "serving" not in line:
-            assert time.monotonic() < deadline and selector.select(timeout=1) is not None
+            assert time.monotonic() < deadline, "lmforge serve did not start within 60 s"
+            if not selector.select(timeout=1):  # nothing to read yet
+                continue
             line = process.stderr.readline()
             assert line or process.poll() is None, "lmforge serve exited early"
         yield re.search(r"at (http://\S+/v1)", line).group(1), line, ended

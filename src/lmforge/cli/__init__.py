@@ -36,6 +36,7 @@ VERBS = {
     "plan": "lmforge.cli.plan",
     "fit": "lmforge.cli.fit",
     "report": "lmforge.cli.report",
+    "dashboard": "lmforge.cli.dashboard",
     "sweep": "lmforge.cli.sweep",
     "launch": "lmforge.cli.launch",
 }
