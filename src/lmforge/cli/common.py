@@ -15,6 +15,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from lmforge.config import SECTIONS, RunConfig, config_from_dict, field_type, iter_fields, load_config
 from lmforge.errors import ConfigError
+from lmforge.units import human  # noqa: F401  (the verbs import it from here)
 from lmforge.workspace import Workspace
 
 # Results go to stdout (pipe-able); progress, status and errors to stderr.
@@ -92,16 +93,6 @@ def progress_bar(description: str, total: int | None = None, unit: str = "") -> 
             raise
 
 
-def human(n: float | None, unit: str = "", digits: int = 3) -> str:
-    """1234567 -> '1.23M'; None -> '-'."""
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.{digits}g}{suffix}{unit}"
-    return f"{n:.{digits}g}{unit}"
-
-
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -109,3 +100,23 @@ def duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressBar:
+    """The progress bar of a long job (train, finetune), as a context manager; on failure it vanishes, so the
+    error line alone is what the user sees."""
+
+    def __init__(self, label: str) -> None:
+        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=err)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self.bar.live.transient = True
+        self.bar.__exit__(*exc)

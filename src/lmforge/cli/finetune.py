@@ -7,10 +7,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lmforge.cli.common import TYPE_NAMES, duration, err, human, out, workspace_of
+from lmforge.cli.common import (
+    TYPE_NAMES,
+    ProgressBar,
+    duration,
+    err,
+    human,
+    out,
+    workspace_of,
+)
 from lmforge.cli.runs import energy_text, money
 from lmforge.model.sizing import describe
 from lmforge.train.finetune import FinetuneConfig, finetune, flag
@@ -50,23 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=help_text if required else f"{help_text} (default: {f.default!r})".replace("%", "%%"))
 
 
-class ProgressReporter:
+class ProgressReporter(ProgressBar):
     """Draws the fine-tuning progress bar and prints validation losses and the checkpoint."""
 
     def __init__(self) -> None:
-        self.bar = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=err)
-        self.task = None
-
-    def __enter__(self) -> ProgressReporter:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if exc[0] is not None:
-            self.bar.live.transient = True  # on failure the error line alone is what the user should see
-        self.bar.__exit__(*exc)
+        super().__init__("finetune")
 
     def started(self, info: dict[str, Any]) -> None:
         err.print(f"run [bold]{info['run']}[/] in {info['run_dir']}, from {info['base']}")

@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from lmforge.cli.common import add_config_arguments, config_from_args, err, human, workspace_of
 from lmforge.checkpoint import latest_checkpoint, read_config
+from lmforge.cli.common import (
+    ProgressBar,
+    add_config_arguments,
+    config_from_args,
+    err,
+    human,
+    workspace_of,
+)
 from lmforge.errors import CheckpointError, UsageError
 from lmforge.model.sizing import describe
 from lmforge.train.loop import TrainResult, train
@@ -57,23 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, ("run", "data", "tokenizer", "model", "train", "meter", "sites"))
 
 
-class ProgressReporter:
+class ProgressReporter(ProgressBar):
     """Draws the training progress bar (loss, tok/s, MFU, ETA) and prints evaluations and checkpoints."""
 
     def __init__(self) -> None:
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=err)
-        self.task = None
-
-    def __enter__(self) -> ProgressReporter:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if exc[0] is not None:
-            self.bar.live.transient = True  # on failure the error line alone is what the user should see
-        self.bar.__exit__(*exc)
+        super().__init__("train")
 
     def started(self, info: dict[str, Any]) -> None:
         resumed = f", resumed at step {info['resumed_at']}" if info["resumed_at"] is not None else ""

@@ -18,6 +18,7 @@ from lmforge.errors import LmforgeError, UsageError
 from lmforge.meter.ledger import Ledger
 from lmforge.plan.history import finished_train_runs, run_tokenizer, scaling_points
 from lmforge.plan.scaling import MIN_RUNS, ScalingLaw, ScalingPoint, fit
+from lmforge.units import human
 
 RATE_WINDOWS = 200  # throughput is averaged over at most this many windows: per-step rates of a long run are noise
 
@@ -265,13 +266,3 @@ def pareto(x: Sequence[float], y: Sequence[float]) -> list[int]:
             best = y[i]
             front.append(i)
     return front
-
-
-def human(n: float | None, unit: str = "", digits: int = 3) -> str:
-    """1234567 -> '1.23M'; None -> '-'."""
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.{digits}g}{suffix}{unit}"
-    return f"{n:.{digits}g}{unit}"

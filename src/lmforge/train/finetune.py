@@ -44,7 +44,7 @@ from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine, r
 from lmforge.meter.ledger import Ledger
 from lmforge.model.sizing import count_params, flops_per_token
 from lmforge.model.transformer import TransformerShape
-from lmforge.train.loop import Reporter, SilentReporter, StopAfterStep, finish_quietly
+from lmforge.train.loop import Reporter, SilentReporter, StopAfterStep, finish_quietly, recorded_end
 from lmforge.train.lora import TARGETS, adapter_state_dict, apply_lora, merged_state_dict
 from lmforge.train.runtime import Runtime, setup_runtime
 from lmforge.train.schedule import lr_multiplier
@@ -293,7 +293,7 @@ def finetune(cfg: FinetuneConfig, workspace: Workspace, *, reporter: Reporter | 
     pending: list[tuple[int, dict[str, float]]] = []
     ctrl_c = StopAfterStep()
     interrupted = False
-    try:
+    with recorded_end(ledger, run_id, ctrl_c):
         val_before = validate(0)
         # 4. the steps, epoch after epoch
         model.train()
@@ -366,17 +366,6 @@ def finetune(cfg: FinetuneConfig, workspace: Workspace, *, reporter: Reporter | 
         if cfg.save_adapter:
             adapter = save_adapter(run_dir, model, cfg, base, wrapped)
             ledger.add_artifact(run_id, "adapter", str(adapter))
-    except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once, no checkpoint
-        finish_quietly(ledger, run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
-        raise
-    except LmforgeError as e:
-        finish_quietly(ledger, run_id, "failed", str(e))
-        raise
-    except Exception as e:
-        finish_quietly(ledger, run_id, "failed", f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        ctrl_c.restore()
 
     wall_seconds = time.perf_counter() - wall0
     energy_j = energy.joules()

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -133,6 +134,25 @@ def finish_quietly(ledger: Ledger, run_id: int, status: str, error: str) -> None
         ledger.finish_run(run_id, status, error=error)
     except sqlite3.Error:
         pass
+
+
+@contextlib.contextmanager
+def recorded_end(ledger: Ledger, run_id: int, ctrl_c: StopAfterStep) -> Iterator[None]:
+    """Whatever ends the block is how the run ends in the ledger (interrupted, or failed with the error); the
+    Ctrl-C handler is put back in every case."""
+    try:
+        yield
+    except KeyboardInterrupt as e:  # stopped at a step boundary (checkpointed), or a second Ctrl-C (not)
+        finish_quietly(ledger, run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
+        raise
+    except LmforgeError as e:
+        finish_quietly(ledger, run_id, "failed", str(e))
+        raise
+    except Exception as e:
+        finish_quietly(ledger, run_id, "failed", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        ctrl_c.restore()
 
 
 def model_shape(cfg: RunConfig, vocab_size: int) -> TransformerShape:
@@ -368,7 +388,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     val: dict[str, float] = {}
     step_model.train()
     ctrl_c = StopAfterStep()
-    try:
+    with recorded_end(ledger, run_id, ctrl_c):
         while (progress := progress_of(cfg, counters)) < 1.0:
             # 1. learning rate for this step
             mult = lr_multiplier(counters.step, progress, warmup_steps=t.warmup_steps, decay_frac=t.decay_frac,
@@ -441,17 +461,6 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         counters.wall_seconds = start_wall + time.perf_counter() - wall0
         final = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
         counters.energy_j = start_energy + world.total(energy.joules())
-    except KeyboardInterrupt as e:  # stopped at a step boundary (checkpointed), or a second Ctrl-C (not)
-        finish_quietly(ledger, run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
-        raise
-    except LmforgeError as e:
-        finish_quietly(ledger, run_id, "failed", str(e))
-        raise
-    except Exception as e:
-        finish_quietly(ledger, run_id, "failed", f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        ctrl_c.restore()
 
     device_seconds = counters.wall_seconds * world_size
     cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, carbon)
