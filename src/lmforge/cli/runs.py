@@ -1,9 +1,10 @@
-"""`lmforge runs`: list the ledger's runs, or show one in detail."""
+"""`lmforge runs`: list the ledger's runs, show one in detail, or export runs to TensorBoard or MLflow."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -11,22 +12,33 @@ from rich.table import Table
 
 from lmforge.cli.common import duration, human, out, workspace_of
 from lmforge.errors import UsageError
+from lmforge.meter.export import export_mlflow, export_tensorboard
 from lmforge.meter.ledger import Ledger
 
-HELP = "list runs from the ledger, or show one: runs show RUN"
+HELP = "list runs from the ledger, show one (runs show RUN), or export runs to TensorBoard / MLflow"
 DESCRIPTION = """\
 List every run recorded in the workspace ledger (a run killed without a chance to say so is shown as
-'crashed'), or show one run's config, hardware, compute summary and metrics.
+'crashed'), or show one run's config, hardware, compute summary and metrics, or export runs: to TensorBoard event
+files (one folder per run; pip install 'lmforge[tensorboard]') or to MLflow (a folder or a tracking server's URI;
+pip install 'lmforge[mlflow]'). Exporting a run again replaces its earlier export.
 
 examples:
   lmforge runs
   lmforge runs show stdlib-d4-20261126-101500
+  lmforge runs export stdlib-d4-20261126-101500 --to tensorboard tb-logs
+  lmforge runs export 3 4 5 --to mlflow file:./mlruns
 """
+EXPORT_KINDS = ("tensorboard", "mlflow")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=("list", "show"), default="list", help="list (default) or show")
-    p.add_argument("run_ref", nargs="?", metavar="RUN", help="run name or id (for show)")
+    p.add_argument("action", nargs="?", choices=("list", "show", "export"), default="list",
+                   help="list (default), show or export")
+    p.add_argument("run_refs", nargs="*", metavar="RUN", help="run name or id (one for show, any number for export)")
+    p.add_argument("--to", nargs=2, metavar=("{tensorboard,mlflow}", "DIR|URI"),
+                   help="export target: tensorboard and a folder, or mlflow and a folder or tracking URI")
+    p.add_argument("--experiment", metavar="NAME", default="lmforge",
+                   help="MLflow experiment the runs go to (default lmforge)")
     p.add_argument("--limit", type=int, default=50, help="list at most this many runs, newest first (default 50)")
 
 
@@ -147,12 +159,31 @@ def show_run(ledger: Ledger, ref: str) -> None:
         out.print("config:\n" + yaml.safe_dump(r["config"], sort_keys=False))
 
 
+def export_runs(ledger: Ledger, refs: list[str], kind: str, target: str, experiment: str) -> None:
+    if kind not in EXPORT_KINDS:
+        raise UsageError(f"--to {kind} is not an export target; choose --to tensorboard DIR or --to mlflow URI")
+    if not refs:
+        raise UsageError("`lmforge runs export` needs run names or ids; `lmforge runs` lists them")
+    if kind == "tensorboard":
+        folders = export_tensorboard(ledger, refs, Path(target))
+        out.print(f"wrote {len(folders)} run(s) to {folders[0].parent}; view with: tensorboard --logdir {target}")
+    else:
+        ids = export_mlflow(ledger, refs, target, experiment)
+        out.print(f"logged {len(ids)} run(s) to MLflow experiment {experiment!r} at {target}: {', '.join(ids)}")
+
+
 def run(args: argparse.Namespace) -> int:
     ledger = Ledger(workspace_of(args).ledger_path)
-    if args.action == "show":
-        if not args.run_ref:
-            raise UsageError("`lmforge runs show` needs a run name or id; `lmforge runs` lists them")
-        show_run(ledger, args.run_ref)
+    if args.to and args.action != "export":
+        raise UsageError("--to is for `lmforge runs export RUN ... --to {tensorboard,mlflow} DIR|URI`")
+    if args.action == "export":
+        if not args.to:
+            raise UsageError("`lmforge runs export` needs a target: --to tensorboard DIR or --to mlflow URI")
+        export_runs(ledger, args.run_refs, *args.to, args.experiment)
+    elif args.action == "show":
+        if len(args.run_refs) != 1:
+            raise UsageError("`lmforge runs show` needs one run name or id; `lmforge runs` lists them")
+        show_run(ledger, args.run_refs[0])
     else:
         list_runs(ledger, args.limit)
     return 0
