@@ -1,8 +1,8 @@
 """Is the planner right? A sweep on this CPU, a plan for a new budget from it, then that run, predicted vs actual.
 
-    python bench/plan_vs_actual.py [--workspace DIR] [--budget-flops 1e13]
+    python bench/plan_vs_actual.py [--workspace DIR] [--budget-flops 3e12]
 
-1. `lmforge sweep` (the default IsoFLOP grid on the stdlib corpus: 3 budgets x depths 1-3, ~10 minutes on 2 cores;
+1. `lmforge sweep` (the default IsoFLOP grid on the stdlib corpus: 3 budgets x depths 1-3, under 10 minutes;
    runs already in the workspace are kept)
 2. `lmforge plan --budget-flops C --device cpu --json`: the law fitted to those runs, the MFU they measured
 3. `lmforge train` with exactly the flags the plan prints
@@ -35,7 +35,7 @@ def lmforge(workspace: Path, *args: str, capture: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "lmforge-plan-bench")
-    parser.add_argument("--budget-flops", type=float, default=1e13)
+    parser.add_argument("--budget-flops", type=float, default=3e12)
     args = parser.parse_args()
 
     demo = str(Path(__file__).parents[1] / "src/lmforge/configs/demo.yaml")

@@ -167,8 +167,14 @@ def run(args: argparse.Namespace) -> int:
         mfu, mfu_source = DEFAULT_MFU, "(default; no finished run on this device in the ledger)"
     law, law_note = (PRIOR, "--prior") if args.prior else choose_law(scaling_points(runs, tokenizer), tokenizer)
     carbon = cfg.meter.carbon_g_per_kwh if cfg.meter.carbon_g_per_kwh >= 0 else default_carbon_g_per_kwh()
-    plan = make_plan(cfg, budget, profile, count=args.count, mfu=mfu, mfu_source=mfu_source, law=law,
-                     law_note=law_note, bytes_per_token=bytes_per_token(runs, tokenizer), carbon_g_per_kwh=carbon)
+    def plan_with(mfu: float, mfu_source: str):
+        return make_plan(cfg, budget, profile, count=args.count, mfu=mfu, mfu_source=mfu_source, law=law,
+                         law_note=law_note, bytes_per_token=bytes_per_token(runs, tokenizer), carbon_g_per_kwh=carbon)
+
+    plan = plan_with(mfu, mfu_source)
+    # once the depth is known, the MFU measured at that depth (if any run had it) is the better guess
+    if args.mfu is None and (same := measured_mfu(runs, profile.name, plan.depth)) and same[0] != mfu:
+        plan = plan_with(same[0], f"(median of {same[1]} finished runs on {profile.name} at depth {plan.depth})")
     # the train command repeats the config this plan was made for; the plan's own settings win
     planned = {flag.removeprefix("--") for flag in plan.train_flags[::2]}
     plan.train_flags[:0] = (["--config", args.config] if args.config else []) + [

@@ -34,7 +34,7 @@ L(N, D) to them and `lmforge plan` uses that fit. The data are prepared first if
 Settings come from the packaged demo config (the stdlib corpus) unless --config is given.
 
 examples:
-  lmforge sweep                                          # 3 budgets x 3 depths, about 10 minutes on 2 CPU cores
+  lmforge sweep                                          # 3 budgets x 3 depths, under 10 minutes on 2 CPU cores
   lmforge sweep --budgets 1e13,3e13,1e14 --depths 2,3,4,6
   lmforge fit && lmforge plan --budget-flops 3e13 --device cpu
 """
@@ -51,8 +51,8 @@ def number_list(text: str, kind, flag: str) -> list:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budgets", default="2e12,6e12,2e13", metavar="C,C,...",
-                   help="training FLOP budgets (default 2e12,6e12,2e13: about 10 minutes on 2 CPU cores in all)")
+    p.add_argument("--budgets", default="1e12,2e12,5e12", metavar="C,C,...",
+                   help="training FLOP budgets (default 1e12,2e12,5e12: under 10 minutes on 2 CPU cores in all)")
     p.add_argument("--depths", default="1,2,3", metavar="D,D,...", help="model depths to train at each budget "
                    "(the depth dial: width = depth x --model.aspect_ratio; default 1,2,3)")
     p.add_argument("--prefix", default="sweep", help="run names are PREFIX-c<budget>-d<depth> (default sweep)")

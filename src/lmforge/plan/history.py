@@ -58,10 +58,16 @@ def most_common_tokenizer(runs: list[dict]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def measured_mfu(runs: list[dict], profile: str) -> tuple[float, int] | None:
-    """Median MFU of completed training runs on device profile `profile`, and how many runs; None if none."""
-    values = [r["summary"]["mfu"] for r in finished_train_runs(runs)
+def measured_mfu(runs: list[dict], profile: str, depth: int | None = None) -> tuple[float, int] | None:
+    """Median MFU of completed training runs on device profile `profile`, and how many runs; None if none.
+
+    With `depth`, only runs of that depth count when there are any: MFU depends on the model's size (a 1-layer
+    model spends more of its step outside matmuls), so the median over every size misjudges the small ones."""
+    values = [(r["summary"]["mfu"], (r.get("config") or {}).get("model", {}).get("depth"))
+              for r in finished_train_runs(runs)
               if (r.get("summary") or {}).get("profile") == profile and _positive(r["summary"].get("mfu"))]
+    same = [mfu for mfu, d in values if d == depth]
+    values = same or [mfu for mfu, _ in values]
     return (statistics.median(values), len(values)) if values else None
 
 

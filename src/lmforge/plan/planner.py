@@ -317,7 +317,7 @@ def predict_run(cfg: RunConfig, shape: TransformerShape, peak_flops: float, prof
     None when the run stops only on something the planner cannot turn into tokens."""
     runs = runs or []
     t = cfg.train
-    measured = measured_mfu(runs, profile.name)
+    measured = measured_mfu(runs, profile.name, cfg.model.depth)
     mfu, mfu_source = (measured[0], f"median of {measured[1]} runs") if measured else (DEFAULT_MFU, "default")
     fpt = flops_per_token(shape, cfg.model.seq_len)
     tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world_size
