@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import selectors
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,31 @@ class CLI:
         code = main(["--workspace", str(self.workspace), *args])
         out, err = self.capsys.readouterr()
         return code, out, err
+
+
+@contextlib.contextmanager
+def lmforge_process(workspace: Path, args: list[str], ready: str, stop: int = signal.SIGTERM
+                    ) -> Iterator[tuple[str, dict]]:
+    """`lmforge ARGS` in a subprocess, waited for until a stderr line contains `ready`; yields (that line, a dict
+    that holds its exit code and stderr once the block ends by sending `stop`)."""
+    env = {**os.environ, "LMFORGE_HOME": str(workspace), "COLUMNS": "200"}
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", *args], env=env, stderr=subprocess.PIPE, text=True)
+    ended: dict = {}
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(process.stderr, selectors.EVENT_READ)
+        line, deadline = "", time.monotonic() + 60
+        while ready not in line:
+            assert time.monotonic() < deadline, f"lmforge {args[0]} printed no {ready!r} line within 60 s"
+            if not selector.select(timeout=1):  # nothing to read yet
+                continue
+            line = process.stderr.readline()
+            assert line or process.poll() is None, f"lmforge {args[0]} exited early"
+        yield line, ended
+    finally:
+        process.send_signal(stop)
+        _, ended["stderr"] = process.communicate(timeout=30)
+        ended["returncode"] = process.returncode
 
 
 def run_subprocess(workspace: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

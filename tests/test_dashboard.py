@@ -8,20 +8,15 @@ The browser tests skip (saying how to install) without Chromium or the playwrigh
 
 from __future__ import annotations
 
-import os
 import re
-import selectors
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import expect_one_line_error
+from conftest import expect_one_line_error, lmforge_process
 from test_serve_http import new_engine, running
 
 from lmforge.dashboard.app import create_app
@@ -130,25 +125,11 @@ def test_bad_requests_get_json_errors(dashboard, method, path, body, status, pat
 def test_cli_serves_and_refuses_bad_flags(ledger, tmp_path, cli):
     expect_one_line_error(*cli("dashboard")[::2], r"no ledger at .*ledger\.db; `lmforge train`")
     expect_one_line_error(*cli("dashboard", "--serve-url", "127.0.0.1:8000")[::2], r"--serve-url must be an http")
-    env = {**os.environ, "LMFORGE_HOME": str(tmp_path), "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", "--port", "0"], env=env,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        selector = selectors.DefaultSelector()
-        selector.register(process.stderr, selectors.EVENT_READ)
-        line, deadline = "", time.monotonic() + 60
-        while "dashboard at" not in line:
-            assert time.monotonic() < deadline, "no 'dashboard at' line in 60 s"
-            if selector.select(timeout=1):
-                line = process.stderr.readline()
-                assert line, "lmforge dashboard exited early"
+    with lmforge_process(tmp_path, ["dashboard", "--port", "0"], "dashboard at", signal.SIGINT) as (line, ended):
         base = re.search(r"at (http://\S+)", line).group(1)
         assert [r["name"] for r in httpx.get(f"{base}/api/runs", timeout=10).json()["runs"]] == \
             ["live-d4", "finished-d2"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=30)
-    assert process.returncode == 0
+    assert ended["returncode"] == 0
 
 
 # ---- the page in headless Chromium ---------------------------------------------------------------------------

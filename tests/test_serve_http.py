@@ -9,12 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import selectors
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +21,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import CLI, expect_one_line_error, wait_until
+from conftest import CLI, expect_one_line_error, lmforge_process, wait_until
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.cli import main
@@ -529,25 +525,8 @@ def test_serve_bad_input(trained_run, tmp_path, capsys):
 def serve_process(workspace: Path, *args: str) -> Iterator[tuple[str, str, dict]]:
     """`lmforge serve --ckpt tiny --port 0 ARGS` in a subprocess; yields (base URL, its 'serving' line, a dict
     that holds its exit code and stderr once the block ends with SIGTERM)."""
-    env = {**os.environ, "LMFORGE_HOME": str(workspace), "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--ckpt", "tiny", "--port", "0", *args],
-                               env=env, stderr=subprocess.PIPE, text=True)
-    ended: dict = {}
-    try:
-        selector = selectors.DefaultSelector()
-        selector.register(process.stderr, selectors.EVENT_READ)
-        line, deadline = "", time.monotonic() + 60
-        while "serving" not in line:
-            assert time.monotonic() < deadline, "lmforge serve did not start within 60 s"
-            if not selector.select(timeout=1):  # nothing to read yet
-                continue
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "lmforge serve exited early"
+    with lmforge_process(workspace, ["serve", "--ckpt", "tiny", "--port", "0", *args], "serving") as (line, ended):
         yield re.search(r"at (http://\S+/v1)", line).group(1), line, ended
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, ended["stderr"] = process.communicate(timeout=30)
-        ended["returncode"] = process.returncode
 
 
 def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
