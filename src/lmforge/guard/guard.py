@@ -20,7 +20,7 @@ from pathlib import Path
 from lmforge.errors import ConfigError
 from lmforge.guard.core import Detection, Detector
 from lmforge.guard.pii import PIIDetector, redact
-from lmforge.guard.policy import ACTIONS, DIRECTIONS, Policy, load_policy
+from lmforge.guard.policy import DIRECTIONS, Policy, load_policy, strongest
 from lmforge.guard.rules import RulesDetector
 
 
@@ -132,6 +132,6 @@ class Guard:
                             found += later_matches(detector, text, d)
                         redactions += found
                 findings += [Finding(f.category, f.score, f.detector, f.span, action, f.label) for f in found]
-        action = max((f.action for f in findings), key=ACTIONS.index, default="allow")
+        action = strongest(f.action for f in findings)
         out = redact(text, redactions) if action == "redact" else text
         return Verdict(direction, action, tuple(findings), out, time.perf_counter() - start)

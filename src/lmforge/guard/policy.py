@@ -49,6 +49,11 @@ STREAM_KEYS = ("chunk_chars", "context_chars")
 RULE_KEYS = ("input", "output", "threshold")
 
 
+
+def strongest(actions) -> str:
+    """The strongest of some actions; "allow" for none."""
+    return max(actions, key=ACTIONS.index, default="allow")
+
 @dataclass(frozen=True)
 class CategoryRule:
     input: str = "allow"

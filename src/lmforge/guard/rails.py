@@ -28,15 +28,11 @@ from dataclasses import dataclass
 from lmforge.guard.core import Detection
 from lmforge.guard.guard import Finding, Guard, Verdict
 from lmforge.guard.pii import redact
-from lmforge.guard.policy import ACTIONS
+from lmforge.guard.policy import strongest
 
 # the end of a text that may continue in the next chunk: the last word, and digit groups before it ("+1 415 55")
 UNFINISHED_TAIL = re.compile(r"(?:[\d+(][\d()+\- ]*)?\S*\Z")
 MAX_HELD_CHARS = 64  # a longer unbroken run is released anyway (no pattern the guard knows is that long)
-
-
-def strongest(actions) -> str:
-    return max(actions, key=ACTIONS.index, default="allow")
 
 
 @dataclass(frozen=True)

@@ -458,9 +458,7 @@ class Engine:
         """
         if (prompt is None) == (messages is None):
             raise ValueError("prepare takes a prompt or messages, not both")
-        if isinstance(prompt, list):
-            self._check_token_ids(prompt)
-        if self.guard is None:
+        if self.guard is None:  # `check` (in submit) validates the ids
             if messages is not None:
                 return Prompt(self.render_chat(messages))
             return Prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
@@ -468,6 +466,8 @@ class Engine:
             screened = screen_input(self.guard, [m["content"] for m in messages])
             ids = self.render_chat([dict(m, content=text) for m, text in zip(messages, screened.texts)])
         else:
+            if isinstance(prompt, list):  # before decoding them for the guard
+                self._check_token_ids(prompt)
             screened = screen_input(self.guard, [prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)])
             redacted = screened.verdict.action == "redact"
             ids = self.tokenizer.encode(screened.texts[0]) if isinstance(prompt, str) or redacted else list(prompt)
@@ -803,6 +803,8 @@ class Engine:
             cut = s.token_ends[end_token - 1] if end_token else 0
         start_char = s.token_ends[s.sent_tokens - 1] if s.sent_tokens else 0
         if s.rail is not None and s.finish_reason is None:  # chunks end at a token before the unfinished word
+            if cut - start_char < s.rail.chunk_chars:  # not a chunk yet (the common case: no scan per token)
+                return
             ready = s.rail.ready(s.text, start_char, cut)
             while end_token > s.sent_tokens and s.token_ends[end_token - 1] > ready:
                 end_token -= 1

@@ -146,8 +146,18 @@ class DiLoCo:
         done = self.finish_pending()
         return done + [self._finish(self._start(f, step)) for f in range(len(self.fragments))]
 
+    def _slices(self, start: int, end: int):
+        """For each parameter overlapping θ[start:end]: its flat view, the overlap in it, the overlap in the range."""
+        offset = 0
+        for p in self.params:
+            lo, hi = max(start, offset), min(end, offset + p.numel())
+            if lo < hi:
+                yield p.data.view(-1), slice(lo - offset, hi - offset), slice(lo - start, hi - start)
+            offset += p.numel()
+
     def _flat(self, start: int, end: int) -> torch.Tensor:
-        return parameters_to_vector(self.params).detach().float()[start:end]
+        """The site's weights θ_s[start:end] in fp32 (only the parameters in that range are read)."""
+        return torch.cat([flat[own].float() for flat, own, _ in self._slices(start, end)])
 
     def _start(self, f: int, step: int) -> Exchange:
         start, end = self.fragments[f]
@@ -183,12 +193,8 @@ class DiLoCo:
         momentum.mul_(self.cfg.outer_momentum).add_(mean)
         theta.sub_(self.cfg.outer_lr * (mean + self.cfg.outer_momentum * momentum))
         site = theta + (self._flat(start, end) - e.local)  # θ_new plus what the site learned since sending
-        offset = 0
-        for p in self.params:  # copied in: the parameters must never share θ's memory
-            lo, hi = max(start, offset), min(end, offset + p.numel())
-            if lo < hi:
-                p.data.view(-1)[lo - offset:hi - offset].copy_(site[lo - start:hi - start])
-            offset += p.numel()
+        for flat, own, part in self._slices(start, end):  # copied in: parameters never share θ's memory
+            flat[own].copy_(site[part])
         # 48 bits of a hash of θ's bytes (exact in a float64): equal on every rank iff the replicas agree on θ
         digest = int.from_bytes(hashlib.blake2b(self.theta.cpu().numpy().tobytes(), digest_size=6).digest(), "big")
         high, low = self.world.largest([float(digest), -float(digest)])
