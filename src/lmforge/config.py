@@ -191,6 +191,24 @@ class SitesConfig:
         "preset (datacenter, cross-region, starlink, geo-satellite, laser-isl) or 'up=15Mbit,down=100Mbit,"
         "latency=40ms'.",
     )
+    drop_after: float = option(
+        0.0, "Fault tolerance: > 0 runs every site as its own job, and a site that has not reached an outer step "
+        "this many seconds after another did is left out of it while the others go on; a site that comes back "
+        "(restarted, or late) takes the global weights at the next outer step. Plain DiLoCo only (fragments 1, "
+        "overlap_steps 0). 0 = the sites form one torchrun job and any failure ends the run.",
+    )
+    restarts: int = option(
+        3, "Fault tolerance: how many times `lmforge train --nproc` starts a failed site again (site 0, which "
+        "keeps the run's records and checkpoints, is never restarted: its failure ends the run).",
+    )
+    site: int = option(
+        0, "Fault tolerance: this job's site, 0 .. count-1 (set by `lmforge train --nproc`; one job per site "
+        "when the sites are on different machines).",
+    )
+    store: str = option(
+        "", "Fault tolerance: HOST:PORT of the store where the sites meet (site 0 serves it). Set by `lmforge "
+        "train --nproc`; give every site the same address when the sites are on different machines.",
+    )
 
 
 @dataclass
@@ -242,6 +260,13 @@ class RunConfig:
                               "each site")
         if not 0 <= self.sites.overlap_steps < self.sites.sync_every:
             raise ConfigError(f"--sites.overlap_steps must be in [0, sync_every), got {self.sites.overlap_steps}")
+        if self.sites.drop_after < 0 or self.sites.restarts < 0:
+            raise ConfigError("--sites.drop_after and --sites.restarts must be >= 0")
+        if self.sites.drop_after > 0 and (self.sites.fragments > 1 or self.sites.overlap_steps > 0):
+            raise ConfigError("--sites.drop_after (fault tolerance) works with plain DiLoCo only; set "
+                              "--sites.fragments 1 and --sites.overlap_steps 0")
+        if self.sites.drop_after > 0 and not 0 <= self.sites.site < self.sites.count:
+            raise ConfigError(f"--sites.site must be in [0, {self.sites.count}), got {self.sites.site}")
         if not 0.0 <= self.sites.outer_momentum < 1.0:
             raise ConfigError(f"--sites.outer_momentum must be in [0, 1), got {self.sites.outer_momentum}")
         if not 0.0 <= self.train.decay_frac <= 1.0 or not 0.0 <= self.train.min_lr_frac <= 1.0:

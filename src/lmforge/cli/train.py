@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ from lmforge.cli.common import (
 )
 from lmforge.errors import CheckpointError, UsageError
 from lmforge.model.sizing import describe
-from lmforge.train.loop import TrainResult, train
+from lmforge.config import RunConfig
+from lmforge.train.loop import TrainResult, default_run_name, train
+
+SITE_JOB = "LMFORGE_SITE_JOB"  # set in the jobs `launch_sites` starts: they train, and launch nothing
 
 HELP = "train a model on prepared shards (or --resume a run)"
 DESCRIPTION = """\
@@ -88,8 +92,12 @@ class ProgressReporter(ProgressBar):
     def checkpointed(self, path: Path) -> None:
         self.bar.console.print(f"step {int(path.name.split('_')[1]):>6}: checkpoint {path}")
 
+    def noted(self, step: int, text: str) -> None:
+        self.bar.console.print(f"step {step:>6}: {text}")
 
-def run_training(args: argparse.Namespace) -> TrainResult:
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config: the flags over the defaults, or over the saved config of the run to --resume."""
     workspace = workspace_of(args)
     if args.resume:
         if getattr(args, "cfg:name", None):
@@ -102,28 +110,104 @@ def run_training(args: argparse.Namespace) -> TrainResult:
         if last is None:
             raise CheckpointError(f"run '{args.resume}' has no checkpoint to resume from in {run_dir}; "
                                   f"start a new run with another --name")
-        cfg = config_from_args(args, base=read_config(last))
-    else:
-        cfg = config_from_args(args)
+        return config_from_args(args, base=read_config(last))
+    return config_from_args(args)
+
+
+def run_training(args: argparse.Namespace) -> TrainResult:
+    workspace, cfg = workspace_of(args), resolve_config(args)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     with ProgressReporter() if main_rank else contextlib.nullcontext() as reporter:
         return train(cfg, workspace, resume=bool(args.resume), reporter=reporter)
 
 
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """`lmforge train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lmforge ...` (the same
-    arguments, without --nproc)."""
-    argv, skip = [], False
-    for a in args.argv:
+def without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":
             skip = True
         elif not a.startswith("--nproc="):
-            argv.append(a)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "lmforge", *argv]
-    return subprocess.run(command, check=False).returncode
+            kept.append(a)
+    return kept
+
+
+def torchrun(nproc: int, argv: list[str]) -> list[str]:
+    """The command `torchrun --standalone --nproc-per-node N -m lmforge ARGV` (one process: no torchrun)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "lmforge", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "lmforge", *argv]
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`lmforge train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m lmforge ...` (the same
+    arguments, without --nproc)."""
+    return subprocess.run(torchrun(args.nproc, without_nproc(args.argv)), check=False).returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_sites(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Fault-tolerant DiLoCo on this machine: one job per site (torchrun for the site's share of --nproc), all
+    meeting at the store site 0 serves. A site other than 0 that fails is started again, up to
+    --sites.restarts times, and catches up at the next outer step; the run ends when site 0 does."""
+    sites = cfg.sites.count
+    if args.nproc % sites:
+        raise UsageError(f"--nproc {args.nproc} is not a multiple of --sites.count {sites}; each site runs "
+                         f"nproc / sites processes (e.g. --nproc {sites})")
+    workspace = workspace_of(args)
+    name = args.resume or cfg.name or default_run_name(cfg)
+    store = cfg.sites.store or f"127.0.0.1:{free_port()}"
+    argv = without_nproc(args.argv) + ([] if args.resume or cfg.name else ["--name", name])
+    logs = workspace.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, SITE_JOB: "1"}
+
+    def start(site: int) -> subprocess.Popen:
+        command = torchrun(args.nproc // sites, [*argv, "--sites.site", str(site), "--sites.store", store])
+        if site == 0:  # site 0 draws the progress bar and prints the summary
+            return subprocess.Popen(command, env=env)
+        with open(logs / f"{name}-site{site}.log", "ab") as log:
+            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    err.print(f"{sites} sites, {args.nproc // sites} process(es) each, meeting at {store}; the other sites' "
+              f"output goes to {logs}/{name}-site<N>.log")
+    jobs = {site: start(site) for site in range(sites)}
+    restarts = dict.fromkeys(range(1, sites), cfg.sites.restarts)
+    stopping = False
+    while True:
+        try:
+            code = jobs[0].wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # the sites got the Ctrl-C too; they stop after their step
+            stopping = True
+            continue
+        for site, job in list(jobs.items())[1:]:
+            if job.poll() not in (None, 0) and not stopping:
+                if restarts[site] > 0:
+                    restarts[site] -= 1
+                    err.print(f"site {site} failed (exit {job.returncode}); starting it again "
+                              f"({restarts[site]} restart(s) left)")
+                    jobs[site] = start(site)
+                else:
+                    err.print(f"site {site} failed (exit {job.returncode}) and has no restarts left; the others "
+                              f"go on without it")
+                    del jobs[site]
+    for site, job in list(jobs.items())[1:]:  # they finish with site 0, or are left waiting to rejoin
+        try:
+            job.wait(timeout=cfg.sites.drop_after + 60)
+        except subprocess.TimeoutExpired:
+            job.terminate()
+            job.wait()
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,9 +215,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_torchrun(args)
+    if "WORLD_SIZE" not in os.environ and SITE_JOB not in os.environ:
+        cfg = resolve_config(args)
+        if cfg.sites.count > 1 and cfg.sites.drop_after > 0:
+            return launch_sites(args, cfg)
+        if args.nproc > 1:
+            return launch_torchrun(args)
     result = run_training(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and result.summary.get("site", 0) == 0:
         print_summary(result.run_name, result.summary)
     return 0

@@ -71,6 +71,10 @@ class BatchLoader:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "n_windows": self.n_windows,
                 "seq_len": self.seq_len, "global_batch": self.global_batch}
 
+    def seek(self, batches: int) -> None:
+        """Where a run is after `batches` global batches from its start (a DiLoCo site catching up jumps there)."""
+        self.epoch, self.batch = divmod(batches, self.batches_per_epoch)
+
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped (the world size may differ if the global batch is
         the same)."""

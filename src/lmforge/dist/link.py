@@ -249,3 +249,14 @@ class DelayedCollectives:
             return work
         work.wait()
         return None
+
+    def broadcast(self, tensor: torch.Tensor, group_src: int) -> None:
+        """dist.broadcast of `tensor` from the group's rank `group_src`, charged as a ring all-gather in which only
+        that rank has something to send (a pipelined ring passes it on in as many steps)."""
+        participants = dist.get_world_size(self.group)
+        nbytes = tensor.numel() * tensor.element_size()
+        modelled = self.link.all_gather_seconds(nbytes, participants)
+        rank = self.group.rank() if self.group is not None else dist.get_rank()
+        sent = nbytes if rank != (group_src - 1) % participants else 0  # every rank but the last hop sends it on
+        DelayedWork(dist.broadcast(tensor, group=self.group, group_src=group_src, async_op=True), self.stats,
+                    modelled, sent).wait()

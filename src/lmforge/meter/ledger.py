@@ -1,6 +1,6 @@
 """The ledger: one SQLite database (stdlib sqlite3) recording every run, its step metrics and its artifacts.
 
-Tables (schema version 2):
+Tables (schema version 3):
     meta       key -> value; holds schema_version
     runs       one row per run: status, heartbeat, pid/host, config, hardware and summary as JSON text
     metrics    (run_id, step, name) -> value; re-logging a step overwrites it, as a resumed run repeats the steps
@@ -9,6 +9,8 @@ Tables (schema version 2):
     requests   one row per served request (tokens, FLOPs, device-seconds, energy)
     guard_events  one row per guard finding that was not allowed (v2): request, direction, category, detector,
                score, action, and a sha256 of the text checked (the text itself only if the policy says so)
+    run_events  things that happened to a run besides its metrics (v3): a DiLoCo site dropped from an exchange or
+               rejoining, with the step, the site and a JSON detail
 
 Several processes use the database at once (a training run writing, `lmforge runs` reading), so it runs in WAL
 mode with a busy timeout, and writes take the write lock up front (BEGIN IMMEDIATE) so a transaction never
@@ -110,6 +112,18 @@ CREATE TABLE guard_events (
 CREATE INDEX guard_events_by_time ON guard_events (created_at);
 """
 
+SCHEMA_V3 = """
+CREATE TABLE run_events (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX run_events_by_run ON run_events (run_id, id);
+"""
+
 
 def _statements(schema: str) -> Callable[[sqlite3.Connection], None]:
     def migrate(conn: sqlite3.Connection) -> None:
@@ -120,7 +134,8 @@ def _statements(schema: str) -> Callable[[sqlite3.Connection], None]:
 
 
 # MIGRATIONS[i] takes a database from schema version i to i + 1 (version 0 = empty file). Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(SCHEMA_V1), _statements(SCHEMA_V2)]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(SCHEMA_V1), _statements(SCHEMA_V2),
+                                                         _statements(SCHEMA_V3)]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JSON_COLUMNS = {"config_json": "config", "hardware_json": "hardware", "summary_json": "summary"}
@@ -375,6 +390,19 @@ class Ledger:
             query, args = query + " WHERE run_id = ?", (run_id,)
         with self._db() as conn:
             return [dict(row) for row in conn.execute(query + " ORDER BY id", args).fetchall()]
+
+    def log_event(self, run_id: int, step: int, kind: str, detail: dict[str, Any]) -> None:
+        """Something that happened to the run at this step, e.g. kind 'site_dropped' with {"site": 1, ...}."""
+        with self._db(write=True) as conn:
+            conn.execute("INSERT INTO run_events (run_id, created_at, step, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                         (run_id, time.time(), step, kind, _dumps(detail)))
+
+    def get_events(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's events, oldest first: dicts with created_at, step, kind and detail (a dict)."""
+        with self._db() as conn:
+            rows = conn.execute("SELECT created_at, step, kind, detail FROM run_events WHERE run_id = ? ORDER BY id",
+                                (run_id,)).fetchall()
+        return [{**dict(row), "detail": json.loads(row["detail"])} for row in rows]
 
     def add_artifact(
         self, run_id: int, kind: str, path: str | Path, sha256: str | None = None, nbytes: int | None = None

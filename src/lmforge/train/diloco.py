@@ -15,6 +15,14 @@ group per j), and each such transfer is delayed to what the configured link woul
 dist/link.py), so a run on one machine shows the wall time of the real link. The bytes each rank sends and the seconds it spends in the outer
 exchange are counted for the ledger.
 
+Fault tolerance (--sites.drop_after S > 0): each site is its own job, and dist/quorum.py decides, exchange by
+exchange, which sites take part: a site silent for S seconds is dropped from the exchange and the others go on
+with the mean over those present. Every member first tells the others how many exchanges its θ has seen and a
+hash of it; the member with the most (the first of them on a tie) leads, and every member whose θ differs from
+the leader's (a restarted site, a site that came too late to the last exchange) contributes nothing and receives
+the leader's θ, outer momentum and step instead: that is how a site rejoins. Plain DiLoCo only (one fragment, no
+overlap).
+
 Checkpoints are taken at multiples of H; they keep θ, the outer momentum, site 0's weights and site 0's inner
 optimizer state, which every site resumes from. With plain DiLoCo the sites hold θ at that step, so only the other
 sites' inner optimizer states are lost; with streaming or overlap the exchanges in flight are applied first and
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -34,7 +42,8 @@ from torch.nn.utils import parameters_to_vector
 
 from lmforge.config import SitesConfig
 from lmforge.dist.link import DelayedCollectives, parse_link
-from lmforge.errors import ConfigError
+from lmforge.dist.quorum import Members, Quorum
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.parallel import World
 
 INT8_BLOCK = 256  # values sharing one fp32 scale on an int8 wire
@@ -46,6 +55,11 @@ class OuterStats:
     waited: float  # seconds training stood still for it (less than `seconds` when it overlapped with steps)
     seconds: float  # from sending to the outer update, including the link's modelled time
     replica_spread: float  # max - min over ranks of a hash of θ: 0 when every rank holds the same θ
+    # fault-tolerant runs only:
+    step: int = -1  # the step this exchange belongs to (a site that caught up continues from it)
+    sites: tuple[int, ...] = ()  # the sites that took part
+    caught_up: tuple[int, ...] = ()  # the sites among them that took θ from the others instead of contributing
+    work: dict[int, tuple[float, float]] = field(default_factory=dict)  # site -> (tokens, joules) it reported
 
 
 def site_groups(world: World, count: int) -> tuple[int, object, object]:
@@ -111,19 +125,28 @@ class DiLoCo:
     θ_site ← θ_new + (θ_site_now - θ_site_when_sent). With τ = 0 and F = 1 this is plain DiLoCo.
     """
 
-    def __init__(self, model: nn.Module, cfg: SitesConfig, world: World, cross_group: object):
+    def __init__(self, model: nn.Module, cfg: SitesConfig, world: World, cross_group: object,
+                 quorum: Quorum | None = None):
         self.cfg, self.world = cfg, world
         # each exchange takes as long as the link would (the real transfer, then a sleep for the rest)
-        self.comm = DelayedCollectives(parse_link(cfg.link), cross_group)
+        self.link = parse_link(cfg.link)
+        self.comm = DelayedCollectives(self.link, cross_group)
         self.sites = cfg.count
         self.params = list(model.parameters())
         self.theta = parameters_to_vector(self.params).detach().clone().float()  # (N,) the global weights
         self.momentum = torch.zeros_like(self.theta)
         self.fragments = fragment_bounds([p.numel() for p in self.params], cfg.fragments)  # [(start, end)] in θ
         self.pending: list[Exchange] = []
+        # fault-tolerant runs: the membership, exchanges this θ has seen, whether this site must catch up first
+        self.quorum, self.seen, self.behind = quorum, 0, False
+        # how long a member of an exchange waits for the others inside it before it gives up on them
+        self.group_timeout_s = cfg.drop_after + 2 * self.link.all_reduce_seconds(4 * self.theta.numel(), 2) + 10
 
-    def after_step(self, step: int) -> list[OuterStats]:
-        """Finish the exchanges due at this step, then start the ones due; the outer steps completed now."""
+    def after_step(self, step: int, work: tuple[float, float] = (0.0, 0.0)) -> list[OuterStats]:
+        """Finish the exchanges due at this step, then start the ones due; the outer steps completed now.
+        `work`: this site's (tokens, joules) so far, which a fault-tolerant exchange passes on to site 0."""
+        if self.quorum is not None:
+            return [self._exchange(step, work)] if step % self.cfg.sync_every == 0 else []
         done = [self._finish(e) for e in self.pending if step - e.step >= self.cfg.overlap_steps]
         self.pending = [e for e in self.pending if step - e.step < self.cfg.overlap_steps]
         for f in range(len(self.fragments)):
@@ -140,9 +163,11 @@ class DiLoCo:
         self.pending = []
         return done
 
-    def sync_all(self, step: int) -> list[OuterStats]:
+    def sync_all(self, step: int, work: tuple[float, float] = (0.0, 0.0)) -> list[OuterStats]:
         """Finish every exchange in flight and exchange every fragment now (blocking): every site then holds θ.
         At the end of a run, so what is saved is the global model."""
+        if self.quorum is not None:
+            return [self._exchange(step, work)]
         done = self.finish_pending()
         return done + [self._finish(self._start(f, step)) for f in range(len(self.fragments))]
 
@@ -195,11 +220,94 @@ class DiLoCo:
         site = theta + (self._flat(start, end) - e.local)  # θ_new plus what the site learned since sending
         for flat, own, part in self._slices(start, end):  # copied in: parameters never share θ's memory
             flat[own].copy_(site[part])
-        # 48 bits of a hash of θ's bytes (exact in a float64): equal on every rank iff the replicas agree on θ
-        digest = int.from_bytes(hashlib.blake2b(self.theta.cpu().numpy().tobytes(), digest_size=6).digest(), "big")
-        high, low = self.world.largest([float(digest), -float(digest)])
+        digest = theta_digest(self.theta)
+        high, low = self.world.largest([digest, -digest])
         bytes_sent = e.sent_bytes + self.comm.stats.bytes_sent - sent_before
         return OuterStats(int(bytes_sent), waited, time.perf_counter() - e.started, high + low)
+
+    def catch_up(self) -> OuterStats:
+        """A restarted site: wait for the next exchange and take θ, the outer momentum and the step from it."""
+        self.behind = True
+        return self._exchange(0, (0.0, 0.0))
+
+    def _exchange(self, step: int, work: tuple[float, float]) -> OuterStats:
+        """One outer step among the sites that turn up (fault-tolerant runs), tried until it goes through."""
+        started = time.perf_counter()
+        exchange, attempt = -(-step // self.cfg.sync_every), 0  # numbered by step: the same on every site
+        if self.behind:
+            exchange = self.quorum.latest() + 1
+        while True:
+            members = self._agree(exchange, attempt)
+            if members.index < 0:  # came after the members were fixed: catch up at the next exchange
+                self.behind = True
+                exchange, attempt = max(exchange, self.quorum.latest()) + 1, 0
+                continue
+            try:
+                stats = self._exchange_among(members, step, work)
+            except RuntimeError as e:  # a member died or stalled inside the exchange: again, without it
+                attempt += 1
+                if attempt > 2 * self.sites:  # more failures than dead sites can explain
+                    raise LmforgeError(f"DiLoCo exchange {exchange} failed {attempt} times; the last error: "
+                                       f"{str(e).splitlines()[0]}") from e
+                continue
+            if self.world.local_rank == 0:
+                self.quorum.completed(exchange)
+            stats.seconds = stats.waited = time.perf_counter() - started
+            return stats
+
+    def _agree(self, exchange: int, attempt: int) -> Members:
+        """The members of this attempt, fixed by the site's first rank and passed to the site's other ranks."""
+        members = [self.quorum.agree(exchange, attempt, joining=self.behind) if self.world.local_rank == 0 else None]
+        if self.world.distributed:
+            dist.broadcast_object_list(members, src=self.world.rank - self.world.local_rank)
+        return members[0]
+
+    def _exchange_among(self, members: Members, step: int, work: tuple[float, float]) -> OuterStats:
+        group = self.quorum.group(members, self.world.local_rank, self.group_timeout_s)
+        comm = DelayedCollectives(self.link, group)
+        n, size = len(members.sites), self.theta.numel()
+        # 1. who holds the current θ: the member whose θ has seen the most exchanges (the first on a tie) leads;
+        #    whoever holds a different θ (restarted, or left out last time) takes the leader's instead
+        mine = torch.tensor([-1.0 if self.behind else float(self.seen), theta_digest(self.theta), float(step),
+                             *work], dtype=torch.float64)
+        metas = [torch.empty_like(mine) for _ in range(n)]
+        comm.all_gather(metas, mine)
+        leader = max(range(n), key=lambda i: (metas[i][0].item(), -i))
+        contributors = [i for i in range(n) if metas[i][:2].tolist() == metas[leader][:2].tolist()]
+        # 2. the mean pseudo-gradient over the contributors, as in `_start` / `_finish`
+        delta = self.theta - self._flat(0, size) if members.index in contributors else torch.zeros_like(self.theta)
+        if self.cfg.wire == "fp32":
+            comm.all_reduce(delta)
+            total = delta
+        else:
+            received = []
+            for part in encode(delta, self.cfg.wire):
+                pieces = [torch.empty_like(part) for _ in range(n)]
+                comm.all_gather(pieces, part)
+                received.append(pieces)
+            total = torch.zeros_like(self.theta)
+            for i in contributors:
+                total += decode([pieces[i] for pieces in received], self.cfg.wire, size)
+        mean = total / len(contributors)
+        # the new θ and momentum are kept aside until the last collective is through: an attempt that fails
+        # leaves this site as it was, to try again
+        momentum = self.momentum * self.cfg.outer_momentum + mean
+        theta = self.theta - self.cfg.outer_lr * (mean + self.cfg.outer_momentum * momentum)
+        # 3. the leader's θ and momentum to those catching up
+        if len(contributors) < n:
+            state = torch.cat([theta, momentum])  # (2N,)
+            comm.broadcast(state, group_src=leader)
+            theta, momentum = state[:size], state[size:]
+        digests = torch.tensor([theta_digest(theta), -theta_digest(theta)], dtype=torch.float64)
+        dist.all_reduce(digests, op=dist.ReduceOp.MAX, group=group)
+        self.theta, self.momentum = theta, momentum
+        for flat, own, part in self._slices(0, size):
+            flat[own].copy_(theta[part])
+        self.seen, self.behind = int(metas[leader][0]) + 1, False
+        return OuterStats(int(comm.stats.bytes_sent), 0.0, 0.0, float(digests.sum()), step=int(metas[leader][2]),
+                          sites=members.sites, caught_up=tuple(members.sites[i] for i in range(n)
+                                                              if i not in contributors),
+                          work={members.sites[i]: (float(metas[i][3]), float(metas[i][4])) for i in range(n)})
 
     def state_dict(self) -> dict:
         return {"theta": self.theta.clone(), "momentum": self.momentum.clone()}
@@ -207,6 +315,11 @@ class DiLoCo:
     def load_state_dict(self, state: dict) -> None:
         self.theta = state["theta"].to(self.theta.device)
         self.momentum = state["momentum"].to(self.theta.device)
+
+
+def theta_digest(theta: torch.Tensor) -> float:
+    """48 bits of a hash of θ's bytes (exact in a float64): equal on two ranks iff they hold the same θ."""
+    return float(int.from_bytes(hashlib.blake2b(theta.cpu().numpy().tobytes(), digest_size=6).digest(), "big"))
 
 
 def fragment_bounds(sizes: list[int], fragments: int) -> list[tuple[int, int]]:

@@ -51,6 +51,7 @@ from lmforge.plan.planner import predict_run
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import build_optimizers
+from lmforge.dist import quorum
 from lmforge.train.diloco import DiLoCo, site_groups
 from lmforge.train.parallel import (
     full_state,
@@ -72,6 +73,7 @@ class Reporter(Protocol):
     def stepped(self, stats: dict[str, Any]) -> None: ...
     def evaluated(self, stats: dict[str, Any]) -> None: ...
     def checkpointed(self, path: Path) -> None: ...
+    def noted(self, step: int, text: str) -> None: ...
 
 
 class SilentReporter:
@@ -79,6 +81,7 @@ class SilentReporter:
     def stepped(self, stats): pass
     def evaluated(self, stats): pass
     def checkpointed(self, path): pass
+    def noted(self, step, text): pass
 
 
 @dataclass
@@ -92,6 +95,27 @@ class Counters:
     energy_j: float = 0.0
     comm_bytes: int = 0  # DiLoCo: bytes this site's rank 0 sent to the other sites
     comm_seconds: float = 0.0  # DiLoCo: time in outer exchanges (part of train_seconds)
+
+
+class SiteWork:
+    """Tokens and joules each site reported at the outer steps of a fault-tolerant run, summed over the processes
+    a site went through (a report below the last one comes from a process started again)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, tuple[float, float]] = {}
+        self.retired = (0.0, 0.0)
+
+    def update(self, reports: dict[int, tuple[float, float]]) -> None:
+        for site, report in reports.items():
+            old = self.latest.get(site)
+            if old is not None and report[0] < old[0]:
+                self.retired = (self.retired[0] + old[0], self.retired[1] + old[1])
+            self.latest[site] = report
+
+    def totals(self) -> tuple[float, float]:
+        """(tokens, joules) over every site and process, as of each site's last report."""
+        return (self.retired[0] + sum(t for t, _ in self.latest.values()),
+                self.retired[1] + sum(j for _, j in self.latest.values()))
 
 
 @dataclass
@@ -206,6 +230,11 @@ def train(cfg: RunConfig, workspace: Workspace, *, resume: bool = False,
 
 def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporter, runtime, world) -> TrainResult:
     t = cfg.train
+    # fault-tolerant DiLoCo: this process's job is one site; site 0's first rank keeps the run's records
+    elastic = cfg.sites.count > 1 and cfg.sites.drop_after > 0
+    keeper = world.main and (not elastic or cfg.sites.site == 0)
+    if not keeper:
+        reporter = SilentReporter()
     torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
 
     # run folder: a new run must not overwrite an old one; a resumed run must have a checkpoint
@@ -218,7 +247,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         if last is None:
             raise CheckpointError(f"run '{name}' has no checkpoint to resume from in {checkpoints_dir}; "
                                   f"start a new run with another --name")
-    elif world.main and run_dir.exists() and any(run_dir.iterdir()):  # (rank 0 creates it below)
+    elif keeper and run_dir.exists() and any(run_dir.iterdir()):  # (the keeper creates it below)
         raise ConfigError(f"run '{name}' already exists in {run_dir}; continue it with --resume {name} "
                           f"or choose another --name")
 
@@ -243,8 +272,9 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     if fsdp:
         shard_model(model, world)  # before the optimizers: they must hold the sharded parameters
     optimizers = build_optimizers(model, t, runtime.device.type)
-    world_size = world.world_size
-    loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=world.rank, world_size=world_size,
+    world_size = world.world_size * (cfg.sites.count if elastic else 1)  # every process of the run
+    rank = world.rank + (cfg.sites.site * world.world_size if elastic else 0)
+    loader = BatchLoader(train_tokens, t.batch_size, cfg.model.seq_len, rank=rank, world_size=world_size,
                          seed=t.seed)
     counters = Counters()
     if resume:
@@ -276,11 +306,17 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         if t.checkpoint_every % cfg.sites.sync_every:
             raise ConfigError(f"--train.checkpoint_every {t.checkpoint_every} must be a multiple of "
                               f"--sites.sync_every {cfg.sites.sync_every}: checkpoints follow an outer step")
-        _, site_group, cross_group = site_groups(world, cfg.sites.count)
-        diloco = DiLoCo(model, cfg.sites, world, cross_group)
+        if elastic:  # each site its own job: the world is this site; the sites meet at the store
+            site_group, cross_group = None, None
+            store = quorum.connect(cfg.sites.store, host_it=keeper)
+            membership = quorum.Quorum(store, cfg.sites.site, cfg.sites.count, cfg.sites.drop_after)
+        else:
+            _, site_group, cross_group = site_groups(world, cfg.sites.count)
+            membership = None
+        diloco = DiLoCo(model, cfg.sites, world, cross_group, membership)
         if resume:
             diloco.load_state_dict(ckpt.train_state["diloco"])
-    parallel_model = model if fsdp else wrap_data_parallel(model, world, cfg.sites.count,
+    parallel_model = model if fsdp else wrap_data_parallel(model, world, 1 if elastic else cfg.sites.count,
                                                            site_group if diloco else None)
     # DDP all-reduces gradients on the last micro-batch only (FSDP reduce-scatters every one)
     accumulating = parallel_model.no_sync if isinstance(parallel_model, DistributedDataParallel) else \
@@ -308,18 +344,18 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                 "peak_flops": peak, "dtype": runtime.dtype, "compile": runtime.compile,
                 "threads": torch.get_num_threads(), "energy_source": energy.label, "world_size": world_size}
     # everything checked: only now does the run leave a trace (so a failed start can be retried under its name)
-    ledger = Ledger(workspace.ledger_path) if world.main else NoLedger()
-    if world.main:
+    ledger = Ledger(workspace.ledger_path) if keeper else NoLedger()
+    if keeper:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_file_atomic(run_dir / "config.yaml", cfg.to_yaml().encode())
-    if not world.main:
+    if not keeper:
         run_id = None
     elif resume:
         run_id = ledger.get_run(name)["id"]
         ledger.resume_run(run_id)
     else:
         run_id = ledger.start_run(name, "train", cfg.to_dict(), hardware, str(run_dir))
-    if world.main and not resume:  # the planner's forecast, kept for `lmforge runs show` to compare
+    if keeper and not resume:  # the planner's forecast, kept for `lmforge runs show` to compare
         prediction = predict_run(cfg, shape, peak, profile, world_size=world_size, runs=ledger.list_runs())
         if prediction is not None:
             ledger.update_summary(run_id, {"predicted": prediction.to_dict()})
@@ -339,7 +375,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         else:
             model_state, optimizer_states = model.state_dict(), [opt.state_dict() for opt in optimizers]
             optimizer_key = "optimizers"
-        if not world.main:
+        if not keeper:
             return None
         state = {
             optimizer_key: optimizer_states,
@@ -369,12 +405,40 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     def count_exchanges(outer: list) -> None:
         counters.comm_bytes += sum(o.bytes_sent for o in outer)
         counters.comm_seconds += sum(o.waited for o in outer)
+        for o in outer:
+            if o.sites:
+                membership_changed(o)
+
+    # fault-tolerant runs: who took part in the last exchange, and the work each site reported
+    sites_present = set(range(cfg.sites.count))
+    site_work = SiteWork()
+    site_tokens = 0  # trained by this site since this process started
+
+    def membership_changed(o) -> None:
+        """Record the sites that left and came back; move a site that caught up to the step it caught up with."""
+        nonlocal sites_present
+        for s in sorted(sites_present - set(o.sites)):
+            ledger.log_event(run_id, o.step, "site_dropped", {"site": s, "sites": list(o.sites)})
+            reporter.noted(o.step, f"site {s} dropped: not at the outer step within {cfg.sites.drop_after:g} s")
+        for s in o.caught_up:
+            ledger.log_event(run_id, o.step, "site_rejoined", {"site": s})
+            reporter.noted(o.step, f"site {s} rejoined with the global weights")
+        sites_present = set(o.sites)
+        site_work.update(o.work)
+        if cfg.sites.site in o.caught_up:
+            counters.step = o.step
+            counters.tokens, counters.flops = o.step * tokens_per_step, o.step * tokens_per_step * fpt
+            loader.seek(o.step * t.grad_accum)
 
     def sync_sites() -> None:
         """Every site to the global weights (unless they are there already): what is saved at the end."""
         if diloco is not None and (counters.step % cfg.sites.sync_every or diloco.pending or
                                    len(diloco.fragments) > 1):
-            count_exchanges(diloco.sync_all(counters.step))
+            count_exchanges(diloco.sync_all(counters.step, (site_tokens, energy.joules() * world.world_size)))
+        if elastic and keeper:
+            membership.close(timeout_s=cfg.sites.drop_after + 60)
+        elif elastic and world.local_rank == 0:
+            membership.finished()
 
     def flush() -> None:
         for step, metrics in pending:
@@ -387,6 +451,8 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     last_saved = counters.step if resume else -1
     val: dict[str, float] = {}
     step_model.train()
+    if elastic and membership.started_before(world.local_rank):  # a site started again: catch up first
+        count_exchanges([diloco.catch_up()])
     ctrl_c = StopAfterStep()
     with recorded_end(ledger, run_id, ctrl_c):
         while (progress := progress_of(cfg, counters)) < 1.0:
@@ -418,7 +484,9 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                 raise LmforgeError(f"training loss became {loss_value} at step {counters.step + 1}; lower "
                                    f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
             counters.step += 1
-            outer = diloco.after_step(counters.step) if diloco is not None else []
+            site_tokens += tokens_per_step // cfg.sites.count if elastic else 0
+            outer = diloco.after_step(counters.step, (site_tokens, energy.joules() * world.world_size)) \
+                if diloco is not None else []
             # 4. counters and metrics
             step_seconds = time.perf_counter() - step_start
             energy.sample()
@@ -461,6 +529,9 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
         counters.wall_seconds = start_wall + time.perf_counter() - wall0
         final = save(counters) if last_saved != counters.step else latest_checkpoint(checkpoints_dir)
         counters.energy_j = start_energy + world.total(energy.joules())
+        if elastic:  # the other sites' energy as they reported it; this site's as measured now
+            site_work.update({cfg.sites.site: (site_tokens, counters.energy_j - start_energy)})
+            counters.energy_j = start_energy + site_work.totals()[1]
 
     device_seconds = counters.wall_seconds * world_size
     cost = footprint(counters.energy_j, device_seconds, profile.price_per_hour, carbon)
@@ -484,5 +555,10 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                     "comm_bytes_per_site": counters.comm_bytes,
                     "comm_seconds": counters.comm_seconds,
                     "compute_utilisation": compute / counters.train_seconds if counters.train_seconds else None}
+        if elastic:
+            events = ledger.get_events(run_id) or []  # (only site 0 keeps them)
+            summary |= {"site": cfg.sites.site, "drop_after": cfg.sites.drop_after, "tokens_trained": int(site_work.totals()[0]),
+                        "sites_dropped": sum(e["kind"] == "site_dropped" for e in events),
+                        "sites_rejoined": sum(e["kind"] == "site_rejoined" for e in events)}
     ledger.finish_run(run_id, "completed", summary=summary)
     return TrainResult(name, run_dir, final, summary)
