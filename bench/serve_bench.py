@@ -21,6 +21,7 @@ CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the c
     python bench/serve_bench.py --ckpt RUN|PATH                     # 32 concurrent, 32-token prompts, 64 new tokens
     python bench/serve_bench.py --ckpt RUN --concurrency 8 --max-tokens 128 --engine
     python bench/serve_bench.py --ckpt RUN --device cuda
+    python bench/serve_bench.py --ckpt RUN --device cuda --cuda-graphs off   # the decode step launched eagerly
 """
 
 import argparse
@@ -179,13 +180,13 @@ class Server:
     """`lmforge serve` in a subprocess, its output in a log file shown if it fails; a context manager that always
     stops it (also on errors and Ctrl-C)."""
 
-    def __init__(self, ckpt: Path, port: int, concurrency: int, device: str):
+    def __init__(self, ckpt: Path, port: int, concurrency: int, device: str, cuda_graphs: str):
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench-", suffix=".log", delete=False)
         self.workspace = tempfile.TemporaryDirectory(prefix="serve_bench-")  # keeps our requests out of your ledger
         self.command = [sys.executable, "-m", "lmforge", "serve", "--workspace", self.workspace.name,
                         "--ckpt", str(ckpt), "--port", str(port), "--max-concurrency", str(concurrency),
-                        "--device", device]
+                        "--device", device, "--cuda-graphs", cuda_graphs]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -405,6 +406,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     parser.add_argument("--engine", action="store_true", help="also time the engine in-process, without HTTP")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                        help="lmforge's decode step as CUDA graphs on a GPU (as `lmforge serve --cuda-graphs`)")
     args = parser.parse_args()
     if args.ckpt is None:
         raise LmforgeError("no checkpoint: pass --ckpt RUN|PATH; `make demo` trains one into "
@@ -435,11 +438,12 @@ def main() -> None:
     engine = None
     if args.engine:
         engine = Engine.from_checkpoint(ckpt, EngineConfig(max_concurrency=args.concurrency, device=args.device,
-                                                           compile=args.device == "cpu"))  # as `lmforge serve`
+                                                           compile=args.device == "cpu",  # as `lmforge serve`
+                                                           cuda_graphs=args.cuda_graphs == "on"))
         engine.warm_up()
         engine.start()
     try:
-        with Server(ckpt, args.port or free_port(), args.concurrency, args.device) as server:
+        with Server(ckpt, args.port or free_port(), args.concurrency, args.device, args.cuda_graphs) as server:
             rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer))
     finally:
         if engine is not None:
@@ -448,8 +452,9 @@ def main() -> None:
     ours_1, hf_1, ours_c, hf_c = rows[:4]
     same = sum(ours.text == theirs.text for ours, theirs in zip(ours_1.timings, hf_1.timings))
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    graphs = f", CUDA graphs {args.cuda_graphs}" if device.type == "cuda" else ""
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}")
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")
     print(f"{args.concurrency} concurrent, prompts of {args.prompt_tokens} tokens, {args.max_tokens} new tokens "
           f"(greedy, ignore_eos); batch 1: {args.repeats} requests in turn; {args.rounds} rounds, medians")

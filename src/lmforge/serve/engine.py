@@ -6,6 +6,7 @@ No HTTP in here. A caller submits a prompt with its SamplingParams and reads eve
     1. drop cancelled and timed-out requests; admit waiting requests while free rows last (FIFO)
     2. prefill the admitted sequences together (prompts padded to one length) and sample their first tokens
     3. decode one token for every running sequence in one batched forward pass, each row at its own position
+       (on CUDA: one replay of a CUDA graph captured for the padded batch size, see DecodeGraphs)
     4. retire finished sequences at once, moving the last row into the hole so running rows stay 0..B-1
 
 A request with n choices runs as n sequences. Greedy output does not depend on what else is in the batch: every
@@ -51,6 +52,7 @@ from lmforge.meter.hardware import resolve_profile
 from lmforge.meter.ledger import Ledger
 from lmforge.model.sampling import sample_next
 from lmforge.model.sizing import forward_flops_per_token
+from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.train.runtime import resolve_device
 
@@ -61,6 +63,9 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range
 GREEDY_BELOW = 1e-5  # temperatures this small act as greedy (dividing logits by them overflows)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # keeps the per-token stop-string check cheap
 POWER_WINDOW_S = 0.1  # the energy counter is read at most this often
+# the shortest cached length a decode graph attends over: below this, attending to padding costs less than the
+# memory and capture time of more graphs (longer caches get graphs at double this, double again, ..., the context)
+GRAPH_MIN_ATTEND = 256
 
 
 class InvalidRequest(ValueError):
@@ -83,7 +88,9 @@ class EngineConfig:
     kv_cache_mb: float = 0.0  # cap on the pool's memory; 0 = max_concurrency full-context rows
     device: str = "auto"
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the decode step (a one-off ~10-30 s at start; ~2x faster steps on CPU)
+    compile: bool = False  # torch.compile the decode step (a one-off ~10-30 s at start; ~2x faster steps on CPU);
+    # not with CUDA graphs, which capture the eager step
+    cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (DecodeGraphs); no effect on a CPU
 
     def validate(self) -> None:
         for name in ("max_concurrency", "max_queue"):
@@ -308,6 +315,107 @@ class Sequence:
     rail: OutputRail | None = None  # with a guard: checks text before it is sent
 
 
+def padded_batch_sizes(slots: int) -> list[int]:
+    """The batch sizes decode graphs are captured for: the powers of two below `slots`, then `slots`."""
+    return [1 << i for i in range(slots.bit_length()) if 1 << i < slots] + [slots]
+
+
+def attend_lengths(max_len: int, shortest: int = GRAPH_MIN_ATTEND) -> list[int]:
+    """The cached lengths decode graphs attend over: `shortest`, doubling, up to the whole cache."""
+    lengths = []
+    while shortest < max_len:
+        lengths.append(shortest)
+        shortest *= 2
+    return lengths + [max_len]
+
+
+class DecodeGraphs:
+    """The decode step at fixed shapes, replayed as CUDA graphs (as vLLM does): one graph per (padded batch size,
+    attended length), so a step is one graph launch instead of one launch from Python per kernel.
+
+    A step of B running sequences runs at the smallest captured batch b >= B and the smallest captured length that
+    covers the furthest row's cached positions. Positions past a row's own are masked, as in any batched step, so
+    the longer length changes no row's result. The b - B padding rows are the pool's rows B..b-1, which hold no
+    sequence (running rows are always 0..B-1): each feeds token 0 at position 0 and writes only there, in its own
+    free row, where a prefill overwrites it before anything reads it. Everything the step touches is static:
+    token ids and positions in, the KV cache written in place (the commit is inside the graph), float logits and
+    their argmax (the greedy tokens) out, valid until the next step.
+
+    Without CUDA the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, vocab: int, shortest: int = GRAPH_MIN_ATTEND):
+        slots, device = cache.batch_size, cache.k.device
+        self.model, self.cache, self.vocab = model, cache, vocab
+        self.batch_sizes = padded_batch_sizes(slots)
+        self.lengths = attend_lengths(cache.max_len, shortest)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, length) -> graph, once captured
+        # each slot's token (row 0) and position (row 1): written on the host, copied to the device in one piece
+        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._host_rows = self._host.numpy()
+        self._inputs = torch.zeros(2, slots, dtype=torch.long, device=device)
+        self._logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)  # (slots, V)
+        self._argmax = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
+
+    def bucket(self, batch: int, furthest: int) -> tuple[int, int]:
+        """The (batch, attended length) a step of `batch` rows runs at when its furthest row has `furthest` cached."""
+        return (next(b for b in self.batch_sizes if b >= batch), next(n for n in self.lengths if n >= furthest))
+
+    def capture(self) -> float:
+        """Capture every graph; returns the seconds it took. Only while no row holds a sequence: the warm-up runs
+        write rows 0..b-1 at position 0.
+
+        The largest graphs are captured first and the others share their memory pool (they never run together).
+        """
+        start = time.perf_counter()
+        shapes = sorted(((b, n) for b in self.batch_sizes for n in self.lengths), reverse=True)
+        self._host.zero_()
+        self._inputs.zero_()
+        side = torch.cuda.Stream(self._inputs.device)  # capture needs a stream other than the default one
+        side.wait_stream(torch.cuda.current_stream(self._inputs.device))
+        with torch.cuda.stream(side):
+            for b, n in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded) happens here, not in capture
+                self._forward(b, n)
+        torch.cuda.current_stream(self._inputs.device).wait_stream(side)
+        pool = None
+        for b, n in shapes:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls from other threads (an HTTP server, a tokenizer) do not break the capture
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                self._forward(b, n)
+            pool = pool or graph.pool()
+            self.graphs[b, n] = graph
+        torch.cuda.synchronize(self._inputs.device)
+        return time.perf_counter() - start
+
+    def _forward(self, batch: int, length: int) -> None:
+        """The padded step, from the static inputs into the static outputs: what a graph records."""
+        view = self.cache.rows(0, batch)
+        view.attend_len = length
+        positions = self._inputs[1, :batch]  # (b,)
+        logits = self.model(self._inputs[0, :batch, None], kv_cache=view, start_pos=positions)  # (b, 1, V)
+        view.commit(positions)
+        logits = logits[:, 0, : self.vocab].float()  # (b, V)
+        self._logits[:batch].copy_(logits)
+        torch.argmax(logits, dim=-1, out=self._argmax[:batch])
+
+    def step(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed rows 0..B-1 tokens[i] at positions[i]: their logits (B, V) and argmax (B,), valid until the next
+        step. The caller reads them on the host before that (which also ends the copy from the host buffer)."""
+        B = len(tokens)
+        b, n = self.bucket(B, max(positions))
+        self._host_rows[0, :B] = tokens
+        self._host_rows[1, :B] = positions
+        self._host_rows[:, B:] = 0  # padding rows: token 0 at position 0 of their own free rows
+        self._inputs.copy_(self._host, non_blocking=True)
+        graph = self.graphs.get((b, n))
+        if graph is not None:
+            graph.replay()
+        else:  # not captured (a CPU): the same step, eagerly
+            self._forward(b, n)
+        return self._logits[:B], self._argmax[:B]
+
+
 class Engine:
     """Continuous batching over one model; thread-safe `submit`, one worker thread."""
 
@@ -350,8 +458,16 @@ class Engine:
         self.slots = rows
         self.kv_cache_bytes = rows * row_bytes
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
-        # the decode step: batch size and cached length vary, so the compiled graph is traced with dynamic shapes
-        self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
+        # on CUDA the decode step replays graphs, captured now while no row holds a sequence
+        self.decode_graphs: DecodeGraphs | None = None
+        self.graph_seconds = 0.0  # spent capturing them
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab)
+            with torch.inference_mode():
+                self.graph_seconds = self.decode_graphs.capture()
+        # else compile may trace the decode step: batch size and cached length vary, so with dynamic shapes
+        self._compiled = config.compile and self.decode_graphs is None
+        self._decode_model = torch.compile(self.model, dynamic=True) if self._compiled else self.model
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
         self._flops_per_key = forward_flops_per_token(self.shape, 1) - self._flops_base  # plus this per key
         self.metrics.slots.set(rows)
@@ -391,9 +507,9 @@ class Engine:
         needs to see before its graph is general (batch 1 and 2 are special cases, then the cached length); after
         them, serving compiles nothing more (checked with TORCH_LOGS=recompiles).
 
-        Returns the seconds it took (0 without compile). The rows it writes hold no sequence yet.
+        Returns the seconds it took (0 without compile, or with CUDA graphs). The rows it writes hold no sequence yet.
         """
-        if not self.config.compile:
+        if not self._compiled:
             return 0.0
         start = time.perf_counter()
         with torch.inference_mode():
@@ -693,15 +809,19 @@ class Engine:
         """Feed every running sequence its last token at its own position; sample the next."""
         start = time.perf_counter()
         seqs = self._running
-        idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        view = self.cache.rows(0, len(seqs))
-        view.attend_len = max(s.cached for s in seqs)
-        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab].float()  # (B, V)
-        view.commit(positions)
+        if self.decode_graphs is not None:
+            logits, argmax = self.decode_graphs.step([s.last_token for s in seqs], [s.cached for s in seqs])
+        else:
+            idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+            positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+            view = self.cache.rows(0, len(seqs))
+            view.attend_len = max(s.cached for s in seqs)
+            logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab].float()  # (B, V)
+            view.commit(positions)
+            argmax = None
         for s in seqs:
             s.cached += 1
-        tokens = self._sample(seqs, logits)
+        tokens = self._sample(seqs, logits, argmax)
         self._account(seqs, [1] * len(seqs), time.perf_counter() - start)
         self._append(seqs, tokens, logits)
 
@@ -721,8 +841,10 @@ class Engine:
             self._window_start, self._window_joules = now, joules
         return self._watts
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per sequence from its row of logits (B, V), with its own penalties, settings and RNG."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, argmax: torch.Tensor | None = None) -> list[int]:
+        """One token per sequence from its row of logits (B, V), with its own penalties, settings and RNG.
+
+        argmax: the logits' argmax (B,) where the step computed it already (the decode graphs)."""
         adjusted = logits
         if any(s.counts is not None for s in seqs):
             adjusted = logits.clone()
@@ -733,7 +855,11 @@ class Engine:
         greedy = [i for i, s in enumerate(seqs) if s.request.params.temperature < GREEDY_BELOW]
         tokens = [0] * len(seqs)
         if greedy:
-            chosen = adjusted[greedy].argmax(dim=-1).tolist()
+            if argmax is not None and adjusted is logits:  # no penalties: the step's own argmax
+                every = argmax.tolist()
+                chosen = [every[i] for i in greedy]
+            else:
+                chosen = adjusted[greedy].argmax(dim=-1).tolist()
             for i, t in zip(greedy, chosen):
                 tokens[i] = t
         for i, s in enumerate(seqs):
