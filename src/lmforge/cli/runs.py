@@ -77,6 +77,15 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
                 + ("" if s.get("energy_measured") else " (from estimated energy)")),
         ("checkpoint", s.get("checkpoint", "-")),
     ]
+    if s.get("sites"):  # DiLoCo
+        util = s.get("compute_utilisation")
+        sites = (f"{s['sites']} sites, outer step every {s['sync_every']} steps, {s['wire']} over {s['link']}: "
+                 f"{human(s.get('comm_bytes_per_site'))}B sent per site, {duration(s.get('comm_seconds'))} "
+                 f"communicating" + (f", compute {util * 100:.0f}% of training time" if util is not None else ""))
+        if s.get("drop_after"):
+            sites += (f"; {s['sites_dropped']} dropped, {s['sites_rejoined']} rejoined; "
+                      f"{s['tokens_trained']:,} tokens reached the global model")
+        rows.insert(2, ("sites", sites))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
@@ -153,6 +162,9 @@ def show_run(ledger: Ledger, ref: str) -> None:
             table.add_row(f"{step:,}", human(m.get("tokens")), duration(m.get("time")),
                           *(f"{m[k]:.4f}" if k in m else "-" for k in ("loss", "val_loss", "val_bpb")))
         out.print(table)
+    for e in ledger.get_events(r["id"]):
+        detail = ", ".join(f"{k} {v}" for k, v in e["detail"].items())
+        out.print(f"event: step {e['step']:,} {e['kind'].replace('_', ' ')} ({detail}) at {when(e['created_at'])}")
     for a in ledger.get_artifacts(r["id"])[-5:]:
         out.print(f"artifact: {a['kind']} {a['path']}")
     if r.get("config"):
