@@ -163,7 +163,7 @@ def launch_sites(args: argparse.Namespace, cfg: RunConfig) -> int:
                          f"nproc / sites processes (e.g. --nproc {sites})")
     workspace = workspace_of(args)
     name = args.resume or cfg.name or default_run_name(cfg)
-    store = cfg.sites.store or f"127.0.0.1:{free_port()}"
+    store = f"127.0.0.1:{free_port()}"  # the sites are all on this machine (a saved config may name an old port)
     argv = without_nproc(args.argv) + ([] if args.resume or cfg.name else ["--name", name])
     logs = workspace.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
