@@ -1,10 +1,14 @@
 """DiLoCo against DDP on this CPU: validation bpb, bytes on the wire, and wall time under each link preset.
 
     python bench/diloco_vs_ddp.py [--workspace DIR] [--steps 600] [--sync-every 10,50,100] [--wires fp32,bf16,int8]
+        [--batch-size 8] [--lr 0.01] [--outer-lr 0.7] [--outer-momentum 0.9] [--seed 1337]
 
 Two sites of one process each train the same model on the same tokens (the stdlib corpus, a depth-2 model,
-2 x 8 sequences of 128 tokens per step): once with DDP (a gradient all-reduce every step) and once per DiLoCo
-setting (an outer exchange every H steps in the wire precision). Every run goes to the ledger in the workspace.
+2 x --batch-size sequences of 128 tokens per step): once with DDP (a gradient all-reduce every step) and once per
+DiLoCo setting (an outer exchange every H steps in the wire precision). --lr is both the AdamW and the Muon learning
+rate, the same for DDP and every site; --outer-lr and --outer-momentum set DiLoCo's outer Nesterov SGD (1.0 and 0
+= plain averaging). Validation always reads the same 320 sequences. Every run goes to the ledger in the workspace,
+named by the settings that differ from the defaults.
 
 Wall time per link is computed, not run: the measured compute time of the run (its training time minus its time
 in exchanges) plus the link model's time for every exchange the run made (dist/link.py: ring all-reduce for DDP
@@ -26,9 +30,9 @@ from lmforge.meter.ledger import Ledger
 
 SITES = 2
 DATA = ["--data.source", "stdlib", "--data.val_fraction", "0.01", "--tokenizer.vocab_size", "4096"]
-MODEL = ["--model.depth", "2", "--model.seq_len", "128", "--train.batch_size", "8", "--train.threads", "1",
-         "--train.eval_every", "0", "--train.eval_batches", "40", "--train.checkpoint_every", "0",
-         "--train.lr", "0.01", "--train.matrix_lr", "0.01"]
+MODEL = ["--model.depth", "2", "--model.seq_len", "128", "--train.threads", "1",
+         "--train.eval_every", "0", "--train.checkpoint_every", "0"]
+VAL_SEQUENCES = 320  # validation batches = this / --batch-size, so every batch size is scored on the same text
 
 
 def lmforge(workspace: Path, *args: str) -> None:
@@ -47,12 +51,13 @@ def prepare(workspace: Path) -> None:
     lmforge(workspace, "prepare", *DATA)
 
 
-def train(workspace: Path, name: str, steps: int, *extra: str) -> dict:
+def train(workspace: Path, name: str, steps: int, batch_size: int, *extra: str) -> dict:
     ledger = Ledger(workspace / "ledger.db")
     if not any(r["name"] == name and r["status"] == "completed" for r in ledger.list_runs()):
         print(f"training {name} ...", flush=True)
         lmforge(workspace, "train", *DATA, *MODEL, "--name", name, "--train.max_steps", str(steps), "--nproc",
-                str(SITES), *extra)
+                str(SITES), "--train.batch_size", str(batch_size), "--train.eval_batches",
+                str(VAL_SEQUENCES // batch_size), *extra)
     return ledger.get_run(name)["summary"]
 
 
@@ -62,19 +67,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--sync-every", default="10,50,100")
     parser.add_argument("--wires", default="fp32,bf16,int8")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per site per step")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
+    if VAL_SEQUENCES % args.batch_size:
+        sys.exit(f"--batch-size {args.batch_size} does not divide the {VAL_SEQUENCES} validation sequences; "
+                 f"pass a divisor of {VAL_SEQUENCES} (8, 16, 32, ...)")
     prepare(args.workspace)
 
+    # run names carry the settings that differ from the defaults, so one workspace holds several grids
+    common = ["--train.lr", str(args.lr), "--train.matrix_lr", str(args.lr), "--train.seed", str(args.seed)]
+    tag = "".join(f"-{key}{value:g}" for key, value, default in [("b", args.batch_size, 8), ("lr", args.lr, 0.01),
+                                                                   ("s", args.seed, 1337)] if value != default)
+    outer = "" if (args.outer_lr, args.outer_momentum) == (0.7, 0.9) else \
+        f"-o{args.outer_lr:g}m{args.outer_momentum:g}"
     rows = []
-    ddp = train(args.workspace, f"ddp-{args.steps}", args.steps)
+    ddp = train(args.workspace, f"ddp-{args.steps}{tag}", args.steps, args.batch_size, *common)
     params, steps = ddp["params"], ddp["steps"]
     payload = 4 * params  # fp32 gradients
     rows.append(("DDP", "-", "fp32", ddp, steps, all_reduce_bytes_sent(payload, SITES) * steps, ddp["train_seconds"],
                  lambda link: steps * link.all_reduce_seconds(payload, SITES)))
     for h in [int(x) for x in args.sync_every.split(",")]:
         for wire in args.wires.split(","):
-            s = train(args.workspace, f"diloco-h{h}-{wire}-{args.steps}", args.steps, "--sites", str(SITES),
-                      "--sync-every", str(h), "--sites.wire", wire, "--link", "datacenter")
+            s = train(args.workspace, f"diloco-h{h}-{wire}-{args.steps}{tag}{outer}", args.steps, args.batch_size,
+                      *common, "--sites", str(SITES), "--sync-every", str(h), "--sites.wire", wire, "--link",
+                      "datacenter", "--sites.outer_lr", str(args.outer_lr), "--sites.outer_momentum",
+                      str(args.outer_momentum))
             exchanges = -(-steps // h)
             per_exchange = s["comm_bytes_per_site"] / exchanges / (SITES - 1)  # one site's all-gather payload
 
