@@ -194,8 +194,9 @@ class SitesConfig:
     drop_after: float = option(
         0.0, "Fault tolerance: > 0 runs every site as its own job, and a site that has not reached an outer step "
         "this many seconds after another did is left out of it while the others go on; a site that comes back "
-        "(restarted, or late) takes the global weights at the next outer step. Plain DiLoCo only (fragments 1, "
-        "overlap_steps 0). 0 = the sites form one torchrun job and any failure ends the run.",
+        "(restarted, or late) takes the global weights at the next outer step. Site 0, which keeps the records, is "
+        "never left out. Plain DiLoCo only (fragments 1, overlap_steps 0). 0 = the sites form one torchrun job and "
+        "any failure ends the run.",
     )
     restarts: int = option(
         3, "Fault tolerance: how many times `lmforge train --nproc` starts a failed site again (site 0, which "

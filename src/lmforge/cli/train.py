@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from lmforge.cli.common import (
 from lmforge.errors import CheckpointError, UsageError
 from lmforge.model.sizing import describe
 from lmforge.config import RunConfig
+from lmforge.dist.quorum import RunEnded
 from lmforge.train.loop import TrainResult, default_run_name, train
 
 SITE_JOB = "LMFORGE_SITE_JOB"  # set in the jobs `launch_sites` starts: they train, and launch nothing
@@ -180,34 +183,41 @@ def launch_sites(args: argparse.Namespace, cfg: RunConfig) -> int:
               f"output goes to {logs}/{name}-site<N>.log")
     jobs = {site: start(site) for site in range(sites)}
     restarts = dict.fromkeys(range(1, sites), cfg.sites.restarts)
-    stopping = False
-    while True:
-        try:
-            code = jobs[0].wait(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        except KeyboardInterrupt:  # the sites got the Ctrl-C too; they stop after their step
-            stopping = True
-            continue
-        for site, job in list(jobs.items())[1:]:
-            if job.poll() not in (None, 0) and not stopping:
-                if restarts[site] > 0:
-                    restarts[site] -= 1
-                    err.print(f"site {site} failed (exit {job.returncode}); starting it again "
-                              f"({restarts[site]} restart(s) left)")
-                    jobs[site] = start(site)
-                else:
-                    err.print(f"site {site} failed (exit {job.returncode}) and has no restarts left; the others "
-                              f"go on without it")
-                    del jobs[site]
-    for site, job in list(jobs.items())[1:]:  # they finish with site 0, or are left waiting to rejoin
-        try:
-            job.wait(timeout=cfg.sites.drop_after + 60)
-        except subprocess.TimeoutExpired:
-            job.terminate()
-            job.wait()
-    return code
+    interrupts = 0
+    try:
+        while True:
+            try:
+                code = jobs[0].wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:  # the first stops every site after its step (with a checkpoint); a second now
+                interrupts += 1
+                for job in jobs.values():
+                    job.send_signal(signal.SIGINT if interrupts == 1 else signal.SIGTERM)
+                continue
+            for site, job in list(jobs.items())[1:]:
+                if job.poll() not in (None, 0) and not interrupts:
+                    log = logs / f"{name}-site{site}.log"
+                    if restarts[site] > 0:
+                        restarts[site] -= 1
+                        err.print(f"site {site} failed (exit {job.returncode}; see {log}); starting it again "
+                                  f"({restarts[site]} restart(s) left)")
+                        jobs[site] = start(site)
+                    else:
+                        err.print(f"site {site} failed (exit {job.returncode}; see {log}) and has no restarts left; "
+                                  f"the others go on without it")
+                        del jobs[site]
+        deadline = time.monotonic() + cfg.sites.drop_after + 60
+        for job in list(jobs.values())[1:]:  # they finish with site 0 (a site still waiting to rejoin ends too)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for job in jobs.values():
+            if job.poll() is None:
+                job.terminate()
+                job.wait()
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,11 +227,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
     if "WORLD_SIZE" not in os.environ and SITE_JOB not in os.environ:
         cfg = resolve_config(args)
-        if cfg.sites.count > 1 and cfg.sites.drop_after > 0:
+        # one job per site on this machine, unless this command is one site of a run spread over machines
+        one_site = any(hasattr(args, f"cfg:sites.{key}") for key in ("site", "store"))
+        if cfg.sites.count > 1 and cfg.sites.drop_after > 0 and not one_site:
             return launch_sites(args, cfg)
         if args.nproc > 1:
             return launch_torchrun(args)
-    result = run_training(args)
+    try:
+        result = run_training(args)
+    except RunEnded as e:  # a site that came back too late: the others have finished the run
+        err.print(str(e))
+        return 0
     if int(os.environ.get("RANK", "0")) == 0 and result.summary.get("site", 0) == 0:
         print_summary(result.run_name, result.summary)
     return 0

@@ -4,10 +4,13 @@ With --sites.drop_after S > 0 every site is its own job (one process, or its own
 at a c10d TCPStore (--sites.store; `lmforge train --nproc` hosts it for the sites it starts). Exchanges are
 numbered 1, 2, ... in the same order on every site, and an exchange may take several attempts. For each attempt,
 the first rank of every site writes `<attempt>/at/<site>` and waits until every site of its last exchange has
-arrived too, or S seconds have passed since it arrived itself. Then it proposes the sites present as the members;
-the store's compare-and-set keeps the first proposal, so every site reads the same list. A site that arrives
-after the list is fixed is not a member and tries the next exchange. A site that is catching up (started again,
-or left out of an exchange) announces itself as joining: it waits for the others and never proposes.
+arrived too, or S seconds have passed since it arrived itself (at a site's first exchange, which also absorbs
+the sites' start-up, at least STARTUP_S). Then it proposes the sites present as the members; the store's
+compare-and-set keeps the first proposal, so every site reads the same list. Site 0 is never left out: it keeps
+the run's records and checkpoints, so the others wait for it as long as it lives (when it dies, its store goes
+with it and they stop). A site that arrives after the list is fixed is not a member and tries the next exchange.
+A site that is catching up (started again, or left out of an exchange) announces itself as joining: it waits for
+the others and never proposes; if the run ends first, it ends too (RunEnded).
 
 The members then open a Gloo process group of their own for that attempt, under the attempt's prefix of the
 store: a fresh group each time, so a member that died in an old group cannot hang a new one. If a member dies
@@ -25,6 +28,11 @@ import torch.distributed as dist
 from lmforge.errors import ConfigError, LmforgeError
 
 POLL_S = 0.005  # how often a waiting site looks at the store (each look is one round trip to it)
+STARTUP_S = 120.0  # the least a site's first exchange waits for the others: they may still be starting up
+
+
+class RunEnded(LmforgeError):
+    """A site tried to rejoin a run that site 0 has already closed: nothing is left for it to do."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,11 @@ def connect(address: str, host_it: bool, timeout_s: float = 300.0) -> dist.TCPSt
 class Quorum:
     """One site's view of the membership: `agree` fixes the members of an attempt, `group` opens their group."""
 
-    def __init__(self, store: dist.TCPStore, site: int, count: int, drop_after: float):
+    def __init__(self, store: dist.TCPStore, site: int, count: int, drop_after: float,
+                 startup_s: float = STARTUP_S):
         self.store, self.site, self.count, self.drop_after = store, site, count, drop_after
         self.expected = set(range(count))  # the sites this one waits for: those of its last exchange
+        self.patience = max(drop_after, startup_s)  # seconds to wait for the others; drop_after after the first
 
     def latest(self) -> int:
         """The last exchange that some site completed (0 before the first)."""
@@ -92,6 +102,13 @@ class Quorum:
 
     def agree(self, exchange: int, attempt: int, joining: bool) -> Members:
         """The members of this attempt; this site is among them unless it came too late (index -1)."""
+        try:
+            return self._agree(exchange, attempt, joining)
+        except dist.DistError as e:  # the store went away: site 0 has ended
+            raise LmforgeError(f"site {self.site} lost the sites' store ({str(e).splitlines()[0]}); site 0, which "
+                               f"serves it, has ended") from e
+
+    def _agree(self, exchange: int, attempt: int, joining: bool) -> Members:
         key = f"x{exchange}.{attempt}"
         self.store.set(f"{key}/at/{self.site}", "join" if joining else "train")
         arrived = time.monotonic()
@@ -99,17 +116,19 @@ class Quorum:
             if self.store.check([f"{key}/members"]):
                 break
             present = {s for s in range(self.count) if self.store.check([f"{key}/at/{s}"])}
-            waiting_for = self.expected - present - self._done()
-            if not joining and (not waiting_for or time.monotonic() - arrived > self.drop_after):
+            done = self._done()
+            waiting_for = self.expected - present - done
+            site0 = 0 in present or 0 in done  # never go on without site 0 while it trains
+            if not joining and site0 and (not waiting_for or time.monotonic() - arrived > self.patience):
                 proposal = ",".join(str(s) for s in sorted(present))
                 self.store.compare_set(f"{key}/members", "", proposal)
                 break
             if joining and self.store.check(["closed"]):
-                raise LmforgeError(f"site {self.site} cannot rejoin: the run has ended")
+                raise RunEnded(f"site {self.site} did not rejoin: the run had ended")
             time.sleep(POLL_S)
         sites = tuple(int(s) for s in self.store.get(f"{key}/members").decode().split(","))
         if self.site in sites:
-            self.expected = set(sites)
+            self.expected, self.patience = set(sites), self.drop_after
         return Members(key, sites, sites.index(self.site) if self.site in sites else -1)
 
     def group(self, members: Members, local_rank: int, timeout_s: float) -> dist.ProcessGroup:

@@ -243,13 +243,20 @@ class DiLoCo:
                 exchange, attempt = max(exchange, self.quorum.latest()) + 1, 0
                 continue
             try:
-                stats = self._exchange_among(members, step, work)
-            except RuntimeError as e:  # a member died or stalled inside the exchange: again, without it
+                outcome, error = self._exchange_among(members, step, work), None
+            except RuntimeError as e:  # a member died or stalled inside the exchange
+                outcome, error = None, e
+            # every rank of this site commits, or every rank tries again (each talks to its peers in its own group)
+            if self.world.largest([0.0 if outcome else 1.0])[0]:
                 attempt += 1
                 if attempt > 2 * self.sites:  # more failures than dead sites can explain
-                    raise LmforgeError(f"DiLoCo exchange {exchange} failed {attempt} times; the last error: "
-                                       f"{str(e).splitlines()[0]}") from e
+                    raise LmforgeError(f"DiLoCo exchange {exchange} failed {attempt} times"
+                                       + (f"; the last error: {str(error).splitlines()[0]}" if error else ""))
                 continue
+            self.theta, self.momentum, self.seen, stats = outcome
+            self.behind = False
+            for flat, own, part in self._slices(0, self.theta.numel()):
+                flat[own].copy_(self.theta[part])
             if self.world.local_rank == 0:
                 self.quorum.completed(exchange)
             stats.seconds = stats.waited = time.perf_counter() - started
@@ -262,7 +269,9 @@ class DiLoCo:
             dist.broadcast_object_list(members, src=self.world.rank - self.world.local_rank)
         return members[0]
 
-    def _exchange_among(self, members: Members, step: int, work: tuple[float, float]) -> OuterStats:
+    def _exchange_among(self, members: Members, step: int,
+                        work: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, int, OuterStats]:
+        """One attempt: the new θ, momentum and exchange count, not yet committed (the caller does that)."""
         group = self.quorum.group(members, self.world.local_rank, self.group_timeout_s)
         comm = DelayedCollectives(self.link, group)
         n, size = len(members.sites), self.theta.numel()
@@ -289,8 +298,7 @@ class DiLoCo:
             for i in contributors:
                 total += decode([pieces[i] for pieces in received], self.cfg.wire, size)
         mean = total / len(contributors)
-        # the new θ and momentum are kept aside until the last collective is through: an attempt that fails
-        # leaves this site as it was, to try again
+        # the new θ and momentum are kept aside: an attempt that fails leaves this site as it was, to try again
         momentum = self.momentum * self.cfg.outer_momentum + mean
         theta = self.theta - self.cfg.outer_lr * (mean + self.cfg.outer_momentum * momentum)
         # 3. the leader's θ and momentum to those catching up
@@ -300,11 +308,7 @@ class DiLoCo:
             theta, momentum = state[:size], state[size:]
         digests = torch.tensor([theta_digest(theta), -theta_digest(theta)], dtype=torch.float64)
         dist.all_reduce(digests, op=dist.ReduceOp.MAX, group=group)
-        self.theta, self.momentum = theta, momentum
-        for flat, own, part in self._slices(0, size):
-            flat[own].copy_(theta[part])
-        self.seen, self.behind = int(metas[leader][0]) + 1, False
-        return OuterStats(int(comm.stats.bytes_sent), 0.0, 0.0, float(digests.sum()), step=int(metas[leader][2]),
+        return theta, momentum, int(metas[leader][0]) + 1, OuterStats(int(comm.stats.bytes_sent), 0.0, 0.0, float(digests.sum()), step=int(metas[leader][2]),
                           sites=members.sites, caught_up=tuple(members.sites[i] for i in range(n)
                                                               if i not in contributors),
                           work={members.sites[i]: (float(metas[i][3]), float(metas[i][4])) for i in range(n)})

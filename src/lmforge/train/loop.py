@@ -421,9 +421,6 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             ledger.log_event(run_id, o.step, "site_dropped", {"site": s, "sites": list(o.sites)})
             reporter.noted(o.step, f"site {s} dropped: not at the outer step within {cfg.sites.drop_after:g} s")
         for s in o.caught_up:
-            if s == cfg.sites.site:  # site 0 itself came too late to an outer step (it is never restarted)
-                ledger.log_event(run_id, counters.step, "site_dropped", {"site": s, "late": True})
-                reporter.noted(counters.step, f"site {s} came too late to an outer step and was left out")
             ledger.log_event(run_id, o.step, "site_rejoined", {"site": s})
             reporter.noted(o.step, f"site {s} rejoined with the global weights")
         sites_present = set(o.sites)
