@@ -44,8 +44,8 @@ def test_without_faults_the_same_weights_as_one_job(prepared):
     one_weights, ft_weights = (load_checkpoint(Path(s["checkpoint"])).model_state for s in (one, ft))
     assert all(torch.equal(one_weights[k], ft_weights[k]) for k in one_weights)
     assert ft["val_bpb"] == one["val_bpb"]
-    # plus, per outer step, the 5 float64s each site tells the others (exchanges seen, θ's hash, step, work)
-    assert ft["comm_bytes_per_site"] == one["comm_bytes_per_site"] + 4 * 5 * 8
+    # plus, per outer step, the 6 float64s each site tells the others (exchanges seen, θ's hash, step, work, size)
+    assert ft["comm_bytes_per_site"] == one["comm_bytes_per_site"] + 4 * 6 * 8
     assert ft["sites_dropped"] == ft["sites_rejoined"] == 0 and ft["tokens_trained"] == ft["tokens"]
     assert ledger.get_events(ledger.get_run("ft-clean")["id"]) == []
 

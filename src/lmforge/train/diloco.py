@@ -278,9 +278,13 @@ class DiLoCo:
         # 1. who holds the current θ: the member whose θ has seen the most exchanges (the first on a tie) leads;
         #    whoever holds a different θ (restarted, or left out last time) takes the leader's instead
         mine = torch.tensor([-1.0 if self.behind else float(self.seen), theta_digest(self.theta), float(step),
-                             *work], dtype=torch.float64)
+                             *work, float(size)], dtype=torch.float64)
         metas = [torch.empty_like(mine) for _ in range(n)]
         comm.all_gather(metas, mine)
+        for site, meta in zip(members.sites, metas):
+            if int(meta[5]) != size:  # not a fault to retry: the sites were started with different models
+                raise ConfigError(f"site {site} trains a model of {int(meta[5]):,} parameters and site "
+                                  f"{self.quorum.site} one of {size:,}; give every site the same config")
         leader = max(range(n), key=lambda i: (metas[i][0].item(), -i))
         contributors = [i for i in range(n) if metas[i][:2].tolist() == metas[leader][:2].tolist()]
         # 2. the mean pseudo-gradient over the contributors, as in `_start` / `_finish`
