@@ -84,7 +84,7 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
                  f"communicating" + (f", compute {util * 100:.0f}% of training time" if util is not None else ""))
         if s.get("drop_after"):
             sites += (f"; {s['sites_dropped']} dropped, {s['sites_rejoined']} rejoined; "
-                      f"{s['tokens_trained']:,} tokens reached the global model")
+                      f"{s['tokens_trained']:,} tokens trained by the sites")
         rows.insert(2, ("sites", sites))
     for key, value in rows:
         table.add_row(key, value)
