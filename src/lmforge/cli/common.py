@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
@@ -14,7 +15,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from lmforge.config import SECTIONS, RunConfig, config_from_dict, field_type, iter_fields, load_config
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.units import human  # noqa: F401  (the verbs import it from here)
 from lmforge.workspace import Workspace
 
@@ -67,6 +68,15 @@ def packaged_config(name: str) -> dict[str, Any]:
 
 def workspace_of(args: argparse.Namespace) -> Workspace:
     return Workspace.resolve(getattr(args, "workspace", None))
+
+
+def existing_ledger(args: argparse.Namespace) -> Path:
+    """The workspace's ledger, which must exist already (for the verbs that only read it)."""
+    path = workspace_of(args).ledger_path
+    if not path.is_file():
+        raise LmforgeError(f"no ledger at {path}; `lmforge train` or `lmforge demo` records runs there "
+                           f"(or pass the --workspace that holds them)")
+    return path
 
 
 def progress_columns(unit: str = "") -> list:

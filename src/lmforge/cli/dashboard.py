@@ -6,9 +6,9 @@ import argparse
 
 import uvicorn
 
-from lmforge.cli.common import err, workspace_of
+from lmforge.cli.common import err, existing_ledger
 from lmforge.cli.serve import bind
-from lmforge.errors import LmforgeError, UsageError
+from lmforge.errors import UsageError
 
 HELP = "web page of runs with live-updating charts, and a chat playground for `lmforge serve`"
 DESCRIPTION = """\
@@ -44,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.serve_url.startswith(("http://", "https://")):
         raise UsageError(f"--serve-url must be an http:// or https:// URL, got {args.serve_url!r}; e.g. "
                          f"http://127.0.0.1:8000/v1")
-    ledger_path = workspace_of(args).ledger_path
-    if not ledger_path.is_file():
-        raise LmforgeError(f"no ledger at {ledger_path}; `lmforge train` or `lmforge demo` records runs there "
-                           f"(or pass the --workspace that holds them)")
+    ledger_path = existing_ledger(args)
     sock = bind(args.host, args.port)
     try:
         app = create_app(ledger_path, args.serve_url)

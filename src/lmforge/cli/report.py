@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmforge.atomic import write_file_atomic
-from lmforge.cli.common import out, workspace_of
+from lmforge.cli.common import existing_ledger, out
 from lmforge.errors import LmforgeError
 from lmforge.meter.ledger import Ledger
 
@@ -44,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not target.parent.is_dir():
         raise LmforgeError(f"cannot write the report to {target}: {target.parent} is not a folder; create it or "
                            f"pass another --out")
-    ledger_path = workspace_of(args).ledger_path
-    if not ledger_path.is_file():
-        raise LmforgeError(f"no ledger at {ledger_path}; `lmforge train` or `lmforge demo` records runs there "
-                           f"(or pass the --workspace that holds them)")
+    ledger_path = existing_ledger(args)
     ledger = Ledger(ledger_path)
     runs = select_runs(ledger, args.runs, args.every)
     report = build_report(ledger, runs)

@@ -310,12 +310,14 @@ class DiLoCo:
             state = torch.cat([theta, momentum])  # (2N,)
             comm.broadcast(state, group_src=leader)
             theta, momentum = state[:size], state[size:]
-        digests = torch.tensor([theta_digest(theta), -theta_digest(theta)], dtype=torch.float64)
+        digest = theta_digest(theta)
+        digests = torch.tensor([digest, -digest], dtype=torch.float64)
         dist.all_reduce(digests, op=dist.ReduceOp.MAX, group=group)
-        return theta, momentum, int(metas[leader][0]) + 1, OuterStats(int(comm.stats.bytes_sent), 0.0, 0.0, float(digests.sum()), step=int(metas[leader][2]),
-                          sites=members.sites, caught_up=tuple(members.sites[i] for i in range(n)
-                                                              if i not in contributors),
-                          work={members.sites[i]: (float(metas[i][3]), float(metas[i][4])) for i in range(n)})
+        stats = OuterStats(int(comm.stats.bytes_sent), 0.0, 0.0, float(digests.sum()), step=int(metas[leader][2]),
+                           sites=members.sites,
+                           caught_up=tuple(members.sites[i] for i in range(n) if i not in contributors),
+                           work={members.sites[i]: (float(metas[i][3]), float(metas[i][4])) for i in range(n)})
+        return theta, momentum, int(metas[leader][0]) + 1, stats
 
     def state_dict(self) -> dict:
         return {"theta": self.theta.clone(), "momentum": self.momentum.clone()}
