@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 3 minutes, at most 6): the serving engine's GPU
-# tests (the decode step as CUDA graphs against the eager step), then bench/serve_bench.py against Hugging Face
-# `generate` with CUDA graphs on and, on the same machine, off (the previous setting: eager steps, no compile).
+# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 8): the serving engine's GPU
+# tests (the decode step as CUDA graphs against the eager step, bursts of compiled steps), then
+# bench/serve_bench.py against Hugging Face `generate` in three settings on the same machine.
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
@@ -24,14 +24,18 @@ if ! python3 -c 'import fastapi, uvicorn, httpx' 2>/dev/null; then
 fi
 
 echo "== GPU tests: serving with CUDA graphs"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
 
-# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults); --engine adds the rows without HTTP
-for graphs in on off; do
-    echo "== serve_bench: CUDA graphs $graphs"
-    timeout 110 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" --engine \
-        --cuda-graphs "$graphs" || failed+=("serve_bench --cuda-graphs $graphs")
-done
+# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults); --engine adds the rows without HTTP.
+# The defaults (compiled steps in graphs of bursts of 8 greedy steps), bursts of 16, then one eager step per graph.
+run_bench() {
+    echo "== serve_bench $*"
+    timeout 110 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
+        || failed+=("serve_bench $*")
+}
+run_bench --engine
+run_bench --decode-steps 16
+run_bench --decode-steps 1 --compile off
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"

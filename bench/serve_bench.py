@@ -12,7 +12,8 @@ called in-process (no HTTP), which shows what the HTTP layer costs.
 After a warm-up of each, the measurements run in --rounds rounds, each round every row in turn, so that load from
 other processes on a shared machine falls on all of them alike; the server idles while HF runs, and nothing of
 HF's runs while the server works. TTFT is request sent -> first token's text received (HF: generate called ->
-first token out of the streamer hook), ITL the gaps between tokens after that, both pooled over the rounds.
+first token out of the streamer hook), ITL the gaps between text chunks after that (with --decode-steps K, a chunk
+holds up to K tokens), both pooled over the rounds.
 tok/s and req/s are medians over the rounds: tok/s is the decode rate in the batch-1 rows (tokens after the first
 / time after the first) and all output tokens / wall time in the concurrent rows; "vs HF" compares tok/s with
 the HF row of the same batch. The targets: batch-1 decode >= 2x HF and 32-concurrent output >= 3x HF batch-32 on a
@@ -22,6 +23,7 @@ CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the c
     python bench/serve_bench.py --ckpt RUN --concurrency 8 --max-tokens 128 --engine
     python bench/serve_bench.py --ckpt RUN --device cuda
     python bench/serve_bench.py --ckpt RUN --device cuda --cuda-graphs off   # the decode step launched eagerly
+    python bench/serve_bench.py --ckpt RUN --decode-steps 4                  # 4 greedy tokens per scheduler step
 """
 
 import argparse
@@ -180,13 +182,13 @@ class Server:
     """`lmforge serve` in a subprocess, its output in a log file shown if it fails; a context manager that always
     stops it (also on errors and Ctrl-C)."""
 
-    def __init__(self, ckpt: Path, port: int, concurrency: int, device: str, cuda_graphs: str):
+    def __init__(self, ckpt: Path, port: int, concurrency: int, device: str, options: list[str]):
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench-", suffix=".log", delete=False)
         self.workspace = tempfile.TemporaryDirectory(prefix="serve_bench-")  # keeps our requests out of your ledger
         self.command = [sys.executable, "-m", "lmforge", "serve", "--workspace", self.workspace.name,
                         "--ckpt", str(ckpt), "--port", str(port), "--max-concurrency", str(concurrency),
-                        "--device", device, "--cuda-graphs", cuda_graphs]
+                        "--device", device, *options]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -408,6 +410,10 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="also time the engine in-process, without HTTP")
     parser.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
                         help="lmforge's decode step as CUDA graphs on a GPU (as `lmforge serve --cuda-graphs`)")
+    parser.add_argument("--compile", choices=["on", "off"], default="on",
+                        help="torch.compile lmforge's decode step (as `lmforge serve --compile`)")
+    parser.add_argument("--decode-steps", type=int, default=8, metavar="K",
+                        help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
     args = parser.parse_args()
     if args.ckpt is None:
         raise LmforgeError("no checkpoint: pass --ckpt RUN|PATH; `make demo` trains one into "
@@ -435,15 +441,18 @@ def main() -> None:
     hf.to(device, dtype)
 
     del loaded  # the server and the engine load their own copies
+    compile_on = args.compile == "on"
+    steps = args.decode_steps
     engine = None
     if args.engine:
         engine = Engine.from_checkpoint(ckpt, EngineConfig(max_concurrency=args.concurrency, device=args.device,
-                                                           compile=args.device == "cpu",  # as `lmforge serve`
-                                                           cuda_graphs=args.cuda_graphs == "on"))
+                                                           compile=compile_on, cuda_graphs=args.cuda_graphs == "on",
+                                                           decode_steps=steps))
         engine.warm_up()
         engine.start()
     try:
-        with Server(ckpt, args.port or free_port(), args.concurrency, args.device, args.cuda_graphs) as server:
+        options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps)]
+        with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
             rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer))
     finally:
         if engine is not None:
@@ -453,6 +462,7 @@ def main() -> None:
     same = sum(ours.text == theirs.text for ours, theirs in zip(ours_1.timings, hf_1.timings))
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     graphs = f", CUDA graphs {args.cuda_graphs}" if device.type == "cuda" else ""
+    graphs += f", compile {'on' if compile_on else 'off'}, decode steps {steps}"
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")

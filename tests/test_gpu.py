@@ -1,5 +1,5 @@
 """GPU-only checks: bf16 autocast + torch.compile training, the GPU path of the trainer, and the serving engine's
-decode step replayed as CUDA graphs. Skipped without CUDA."""
+decode step replayed as CUDA graphs (one step, bursts of greedy steps, compiled). Skipped without CUDA."""
 
 import pytest
 import torch
@@ -72,7 +72,7 @@ def test_a_cuda_graph_step_matches_the_eager_step_and_leaves_other_rows_alone(dt
         cache = model.new_kv_cache(8)
         graphs = DecodeGraphs(model, cache, vocab=500, shortest=16)
         assert graphs.capture() > 0
-        assert sorted(graphs.graphs) == [(b, n) for b in (1, 2, 4, 8) for n in (16, 32, 64)]
+        assert sorted(graphs.graphs) == [(b, n, 1) for b in (1, 2, 4, 8) for n in (16, 32, 64)]
         cache.k.normal_()  # after the capture, whose warm-up writes position 0 of every row
         cache.v.normal_()
         before = cache.k.clone()
@@ -107,7 +107,7 @@ def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact
     eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
     graphed = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config))
     assert eager.decode_graphs is None and graphed.graph_seconds > 0
-    assert sorted(graphed.decode_graphs.graphs) == [(b, 64) for b in (1, 2, 4, 8, 16, 24)]  # context 64: one length
+    assert sorted(graphed.decode_graphs.graphs) == [(b, 64, 1) for b in (1, 2, 4, 8, 16, 24)]  # context 64: one length
     graphed.start()
     to_the_end = eager.context_len - len(eager.tokenizer.encode(PROMPTS[3]))
     params = [SamplingParams(max_tokens=2 + 3 * (i % 11), temperature=0, ignore_eos=True) for i in range(64)]
@@ -128,3 +128,27 @@ def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact
     finally:
         eager.stop()
         graphed.stop()
+
+
+def test_graphed_bursts_of_compiled_steps_decode_as_eager_alone(serve_checkpoint, exact_fp32):
+    """--decode-steps 4 --compile on, as CUDA graphs: each graph holds 4 compiled steps, each fed the last one's
+    argmax on the device. Greedy outputs (ending at max_tokens, a stop string, the context's end) equal the eager
+    engine's alone; the penalised and sampled requests make the batch fall back to one step at a time."""
+    config = {"max_concurrency": 24, "max_queue": 256, "device": "cuda", "dtype": "fp32"}
+    eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
+    bursts = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, decode_steps=4, compile=True))
+    assert sorted(bursts.decode_graphs.graphs) == [(b, 64, k) for b in (1, 2, 4, 8, 16, 24) for k in (1, 4)]
+    bursts.start()
+    to_the_end = eager.context_len - len(eager.tokenizer.encode(PROMPTS[3]))
+    params = [SamplingParams(max_tokens=1 + 3 * (i % 11), temperature=0, ignore_eos=True) for i in range(64)]
+    params[3] = SamplingParams(max_tokens=to_the_end, temperature=0, ignore_eos=True)
+    params[4] = SamplingParams(max_tokens=30, temperature=0, stop=(")", "\n"))
+    params[5] = SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.5)  # greedy, penalised
+    params[7] = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, logprobs=2)  # sampled, seeded
+    try:
+        alone = [eager.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)]
+        assert [bursts.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)] == alone
+        assert run_all(bursts, PROMPTS, params) == alone
+    finally:
+        eager.stop()
+        bursts.stop()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.checkpoint import resolve_checkpoint
+from lmforge.errors import LmforgeError
 from lmforge.model.sizing import shape_from_depth
 from lmforge.model.transformer import Transformer
 from lmforge.serve.engine import (
@@ -99,3 +100,66 @@ def test_an_engine_on_the_padded_step_answers_as_the_plain_engine(checkpoint):
         plain.stop()
         padded.stop()
     assert padded.decode_graphs.graphs == {}  # a CPU captures nothing: every step ran eagerly
+
+
+# ---- several greedy steps per scheduler step (--decode-steps) ------------------------------------------------
+
+def test_steps_ahead_equal_single_steps_fed_their_argmax():
+    torch.manual_seed(0)
+    model = Transformer(shape_from_depth(1, 64, 16, head_dim=16)).eval()
+    one, ahead = model.new_kv_cache(4), model.new_kv_cache(4)
+    single = DecodeGraphs(model, one, vocab=60, shortest=4)
+    burst = DecodeGraphs(model, ahead, vocab=60, steps=3, shortest=4)
+    tokens, positions = [5, 9, 11], [3, 7, 1]
+    want = []
+    with torch.inference_mode():
+        for k in range(3):
+            _, argmax = single.step(tokens, [p + k for p in positions])
+            tokens = argmax.tolist()
+            want.append(tokens)
+        assert burst.ahead([5, 9, 11], positions) == want
+    torch.testing.assert_close(ahead.k[:, :3], one.k[:, :3])  # the same positions written, with the same keys
+    torch.testing.assert_close(ahead.v[:, :3], one.v[:, :3])
+
+
+def burst_params(engine: Engine) -> list[SamplingParams]:
+    """Greedy requests that end inside a burst in every way (max_tokens, stop strings, the context's end, EOS),
+    with n > 1, next to a penalised and a sampled one (while they run, the batch goes one token per step)."""
+    params = [SamplingParams(max_tokens=1 + 5 * (i % 7), temperature=0, ignore_eos=i % 2 == 0)
+              for i in range(len(PROMPTS))]
+    params[3] = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)  # to the end of the context
+    params[4] = SamplingParams(max_tokens=30, temperature=0, stop=(")", "\n"))
+    params[6] = SamplingParams(max_tokens=9, temperature=0, n=3)
+    params[8] = SamplingParams(max_tokens=12, temperature=0, presence_penalty=1.0)
+    params[9] = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    params[10] = SamplingParams(max_tokens=20, temperature=0, logprobs=1)
+    return params
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded-step"])
+def test_bursts_of_greedy_steps_answer_as_one_step_at_a_time(checkpoint, padded):
+    config = {"max_concurrency": 6, "max_queue": 64}
+    plain = Engine.from_checkpoint(checkpoint, EngineConfig(**config)).start()
+    bursts = Engine.from_checkpoint(checkpoint, EngineConfig(**config, decode_steps=4))
+    if padded:  # the graphs' path: whole bursts of 4 while 4 positions are left in every row
+        bursts.decode_graphs = DecodeGraphs(bursts.model, bursts.cache, bursts.vocab, steps=4, shortest=8)
+    bursts.start()
+    params = burst_params(plain)
+    try:
+        def full(engine, prompt, q):
+            r = engine.generate(prompt, q)
+            return r.texts, r.token_ids, r.finish_reasons, r.usage.completion_tokens
+        alone = [full(plain, p, q) for p, q in zip(PROMPTS, params)]
+        assert [full(bursts, p, q) for p, q in zip(PROMPTS, params)] == alone
+        assert alone[3][2] == ["length"] and alone[4][2] == ["stop"]
+        handles = [bursts.submit(p, q) for p, q in zip(PROMPTS, params)]
+        together = [h.result(timeout=120) for h in handles]
+        assert [(r.texts, r.token_ids, r.finish_reasons) for r in together] == [a[:3] for a in alone]
+    finally:
+        plain.stop()
+        bursts.stop()
+
+
+def test_decode_steps_out_of_range_is_refused():
+    with pytest.raises(LmforgeError, match="--decode-steps must be between 1 and"):
+        EngineConfig(decode_steps=0).validate()

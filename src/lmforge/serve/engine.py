@@ -35,6 +35,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ POWER_WINDOW_S = 0.1  # the energy counter is read at most this often
 # the shortest cached length a decode graph attends over: below this, attending to padding costs less than the
 # memory and capture time of more graphs (longer caches get graphs at double this, double again, ..., the context)
 GRAPH_MIN_ATTEND = 256
+MAX_DECODE_STEPS = 64  # --decode-steps: more only delays admission and cancellation further
 
 
 class InvalidRequest(ValueError):
@@ -89,8 +91,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the decode step (a one-off ~10-30 s at start; ~2x faster steps on CPU);
-    # not with CUDA graphs, which capture the eager step
+    # with CUDA graphs, the graphs capture the compiled step
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (DecodeGraphs); no effect on a CPU
+    decode_steps: int = 1  # greedy tokens decoded per scheduler step, fed back on the device (see Engine._decode)
 
     def validate(self) -> None:
         for name in ("max_concurrency", "max_queue"):
@@ -98,6 +101,8 @@ class EngineConfig:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.queue_timeout <= 0 or self.kv_cache_mb < 0:
             raise LmforgeError("--queue-timeout must be > 0 and --kv-cache-mb >= 0")
+        if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise LmforgeError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}, got {self.decode_steps}")
 
 
 @dataclass
@@ -331,31 +336,38 @@ def attend_lengths(max_len: int, shortest: int = GRAPH_MIN_ATTEND) -> list[int]:
 
 class DecodeGraphs:
     """The decode step at fixed shapes, replayed as CUDA graphs (as vLLM does): one graph per (padded batch size,
-    attended length), so a step is one graph launch instead of one launch from Python per kernel.
+    attended length, steps), so a step is one graph launch instead of one launch from Python per kernel.
 
     A step of B running sequences runs at the smallest captured batch b >= B and the smallest captured length that
     covers the furthest row's cached positions. Positions past a row's own are masked, as in any batched step, so
     the longer length changes no row's result. The b - B padding rows are the pool's rows B..b-1, which hold no
-    sequence (running rows are always 0..B-1): each feeds token 0 at position 0 and writes only there, in its own
+    sequence (running rows are always 0..B-1): each feeds token 0 from position 0 and writes only there, in its own
     free row, where a prefill overwrites it before anything reads it. Everything the step touches is static:
     token ids and positions in, the KV cache written in place (the commit is inside the graph), float logits and
     their argmax (the greedy tokens) out, valid until the next step.
 
-    Without CUDA the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
+    With `steps` > 1 a graph also holds that many greedy steps back to back: each feeds the argmax it computed to
+    the next at the next position, and the tokens of all of them come out together (`ahead`).
+
+    `forward` is the model or its torch.compile'd self (the graphs then replay the compiled kernels). Without CUDA
+    the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
     """
 
-    def __init__(self, model: Transformer, cache: KVCache, vocab: int, shortest: int = GRAPH_MIN_ATTEND):
+    def __init__(self, model: Transformer, cache: KVCache, vocab: int, *, steps: int = 1,
+                 shortest: int = GRAPH_MIN_ATTEND, forward: Callable[..., torch.Tensor] | None = None):
         slots, device = cache.batch_size, cache.k.device
-        self.model, self.cache, self.vocab = model, cache, vocab
+        self.model, self.cache, self.vocab, self.steps = model, cache, vocab, steps
+        self.forward = model if forward is None else forward
         self.batch_sizes = padded_batch_sizes(slots)
         self.lengths = attend_lengths(cache.max_len, shortest)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, length) -> graph, once captured
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (batch, length, steps) -> graph
         # each slot's token (row 0) and position (row 1): written on the host, copied to the device in one piece
         self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=device.type == "cuda")
         self._host_rows = self._host.numpy()
         self._inputs = torch.zeros(2, slots, dtype=torch.long, device=device)
         self._logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)  # (slots, V)
         self._argmax = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
+        self._ahead = torch.zeros(steps, slots, dtype=torch.long, device=device)  # (steps, slots) greedy tokens
 
     def bucket(self, batch: int, furthest: int) -> tuple[int, int]:
         """The (batch, attended length) a step of `batch` rows runs at when its furthest row has `furthest` cached."""
@@ -363,28 +375,30 @@ class DecodeGraphs:
 
     def capture(self) -> float:
         """Capture every graph; returns the seconds it took. Only while no row holds a sequence: the warm-up runs
-        write rows 0..b-1 at position 0.
+        write rows 0..b-1 at positions 0..steps-1.
 
         The largest graphs are captured first and the others share their memory pool (they never run together).
         """
         start = time.perf_counter()
-        shapes = sorted(((b, n) for b in self.batch_sizes for n in self.lengths), reverse=True)
+        shapes = sorted(((b, n, k) for b in self.batch_sizes for n in self.lengths for k in {1, self.steps}),
+                        reverse=True)
         self._host.zero_()
         self._inputs.zero_()
         side = torch.cuda.Stream(self._inputs.device)  # capture needs a stream other than the default one
         side.wait_stream(torch.cuda.current_stream(self._inputs.device))
         with torch.cuda.stream(side):
-            for b, n in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded) happens here, not in capture
-                self._forward(b, n)
+            for b, n, k in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded, compiling) happens here
+                self._inputs.zero_()
+                self._run(b, n, k)
         torch.cuda.current_stream(self._inputs.device).wait_stream(side)
         pool = None
-        for b, n in shapes:
+        for b, n, k in shapes:
             graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls from other threads (an HTTP server, a tokenizer) do not break the capture
             with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                self._forward(b, n)
+                self._run(b, n, k)
             pool = pool or graph.pool()
-            self.graphs[b, n] = graph
+            self.graphs[b, n, k] = graph
         torch.cuda.synchronize(self._inputs.device)
         return time.perf_counter() - start
 
@@ -393,27 +407,54 @@ class DecodeGraphs:
         view = self.cache.rows(0, batch)
         view.attend_len = length
         positions = self._inputs[1, :batch]  # (b,)
-        logits = self.model(self._inputs[0, :batch, None], kv_cache=view, start_pos=positions)  # (b, 1, V)
+        logits = self.forward(self._inputs[0, :batch, None], kv_cache=view, start_pos=positions)  # (b, 1, V)
         view.commit(positions)
         logits = logits[:, 0, : self.vocab].float()  # (b, V)
         self._logits[:batch].copy_(logits)
         torch.argmax(logits, dim=-1, out=self._argmax[:batch])
+
+    def _run(self, batch: int, length: int, steps: int) -> None:
+        """`steps` padded steps, each fed the previous one's argmax at the next position."""
+        for k in range(steps):
+            self._forward(batch, length)
+            if steps > 1:
+                self._ahead[k, :batch].copy_(self._argmax[:batch])
+                if k < steps - 1:
+                    self._inputs[0, :batch].copy_(self._argmax[:batch])
+                    self._inputs[1, :batch] += 1
+
+    def _load(self, tokens: list[int], positions: list[int]) -> None:
+        B = len(tokens)
+        self._host_rows[0, :B] = tokens
+        self._host_rows[1, :B] = positions
+        self._host_rows[:, B:] = 0  # padding rows: token 0 from position 0 of their own free rows
+        self._inputs.copy_(self._host, non_blocking=True)
 
     def step(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed rows 0..B-1 tokens[i] at positions[i]: their logits (B, V) and argmax (B,), valid until the next
         step. The caller reads them on the host before that (which also ends the copy from the host buffer)."""
         B = len(tokens)
         b, n = self.bucket(B, max(positions))
-        self._host_rows[0, :B] = tokens
-        self._host_rows[1, :B] = positions
-        self._host_rows[:, B:] = 0  # padding rows: token 0 at position 0 of their own free rows
-        self._inputs.copy_(self._host, non_blocking=True)
-        graph = self.graphs.get((b, n))
+        self._load(tokens, positions)
+        graph = self.graphs.get((b, n, 1))
         if graph is not None:
             graph.replay()
         else:  # not captured (a CPU): the same step, eagerly
-            self._forward(b, n)
+            self._run(b, n, 1)
         return self._logits[:B], self._argmax[:B]
+
+    def ahead(self, tokens: list[int], positions: list[int]) -> list[list[int]]:
+        """`self.steps` greedy steps from rows 0..B-1's tokens at their positions: the tokens, (steps, B), on the
+        host. Row i then has written positions[i] .. positions[i] + steps - 1, so these must fit in the cache."""
+        B = len(tokens)
+        b, n = self.bucket(B, max(positions) + self.steps - 1)
+        self._load(tokens, positions)
+        graph = self.graphs.get((b, n, self.steps))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._run(b, n, self.steps)
+        return self._ahead[:, :B].tolist()
 
 
 class Engine:
@@ -458,16 +499,18 @@ class Engine:
         self.slots = rows
         self.kv_cache_bytes = rows * row_bytes
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
-        # on CUDA the decode step replays graphs, captured now while no row holds a sequence
+        # compile may trace the decode step: batch size and cached length vary, so with dynamic shapes
+        self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
+        # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
+        # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
-        self.graph_seconds = 0.0  # spent capturing them
+        self.graph_seconds = 0.0  # spent capturing them (and compiling, with compile)
         if config.cuda_graphs and self.device.type == "cuda":
-            self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab)
+            self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
+                                              forward=self._decode_model)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
-        # else compile may trace the decode step: batch size and cached length vary, so with dynamic shapes
-        self._compiled = config.compile and self.decode_graphs is None
-        self._decode_model = torch.compile(self.model, dynamic=True) if self._compiled else self.model
+        self._compiled = config.compile and self.decode_graphs is None  # still to be warmed up
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
         self._flops_per_key = forward_flops_per_token(self.shape, 1) - self._flops_base  # plus this per key
         self.metrics.slots.set(rows)
@@ -806,7 +849,19 @@ class Engine:
         self._append(seqs, tokens, logits)
 
     def _decode(self) -> None:
-        """Feed every running sequence its last token at its own position; sample the next."""
+        """Feed every running sequence its last token at its own position; sample the next.
+
+        Where every running sequence is greedy and nothing needs its logits (no penalties, no log-probabilities),
+        up to `decode_steps` tokens are decoded in one go, each step's argmax fed to the next on the device: one
+        wait for the device, one pass of bookkeeping and one burst of events per scheduler step, not per token
+        (vLLM's multi-step scheduling). A sequence that finishes inside the burst (a stop, its max_tokens) drops
+        the tokens after it, so outputs are those of one token per step. New requests and cancellations wait for
+        the burst's end.
+        """
+        steps = self._steps_ahead()
+        if steps > 1:
+            self._decode_ahead(steps)
+            return
         start = time.perf_counter()
         seqs = self._running
         if self.decode_graphs is not None:
@@ -824,6 +879,57 @@ class Engine:
         tokens = self._sample(seqs, logits, argmax)
         self._account(seqs, [1] * len(seqs), time.perf_counter() - start)
         self._append(seqs, tokens, logits)
+
+    def _steps_ahead(self) -> int:
+        """Greedy steps the running batch takes at once (see _decode): 1 where any sequence needs its logits,
+        never past the end of a row's cache. The graphs run whole bursts of `decode_steps` (their tokens past a
+        sequence's end are dropped); eager steps stop when the sequence with the most tokens to go is done."""
+        most = self.config.decode_steps
+        if most == 1:
+            return 1
+        room, to_go = most, 1
+        for s in self._running:
+            p = s.request.params
+            if p.temperature >= GREEDY_BELOW or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
+                return 1
+            room = min(room, self.context_len - s.cached)  # positions cached .. cached + steps - 1 are written
+            to_go = max(to_go, self.context_len if p.max_tokens is None else p.max_tokens - len(s.out_ids))
+        if self.decode_graphs is not None:
+            return most if room == most else 1
+        return max(1, min(room, to_go))
+
+    def _decode_ahead(self, steps: int) -> None:
+        """`steps` greedy tokens for every running sequence (see _decode)."""
+        start, started = time.perf_counter(), time.monotonic()
+        seqs = self._running
+        if self.decode_graphs is not None:
+            ahead = self.decode_graphs.ahead([s.last_token for s in seqs], [s.cached for s in seqs])
+        else:
+            idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+            positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+            view = self.cache.rows(0, len(seqs))
+            furthest = max(s.cached for s in seqs)
+            tokens = []
+            for k in range(steps):
+                view.attend_len = furthest + k
+                logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]  # (B, V)
+                view.commit(positions)
+                idx = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)
+                tokens.append(idx[:, 0])
+                positions = positions + 1
+            ahead = torch.stack(tokens).tolist()
+        seconds, ended = time.perf_counter() - start, time.monotonic()
+        for k, tokens in enumerate(ahead):
+            live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+            if not live:
+                break
+            fed = [seqs[i] for i in live]
+            for s in fed:
+                s.cached += 1
+            self._account(fed, [1] * len(fed), seconds / len(ahead))
+            # each token timed at its share of the burst, for the inter-token latency histogram
+            now = started + (ended - started) * (k + 1) / len(ahead)
+            self._append(fed, [tokens[i] for i in live], None, now=now, emit=k == len(ahead) - 1)
 
     def _power(self, restart: bool = False) -> float:
         """Watts of the device while busy: the energy counter's average over the last window of >= 0.1 s.
@@ -870,11 +976,16 @@ class Engine:
                                         top_p=p.top_p if p.top_p < 1 else None, generator=s.generator))
         return tokens
 
-    def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor) -> None:
-        """Record each sequence's new token: logprobs, penalties, text, stop conditions, events."""
+    def _append(self, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor | None, *,
+                now: float | None = None, emit: bool = True) -> None:
+        """Record each sequence's new token: logprobs, penalties, text, stop conditions, events.
+
+        logits: the step's (B, V), which only log-probabilities and penalties read (None where none is asked for).
+        emit=False (inside a burst of greedy steps) holds the text back unless the sequence finished or has stop
+        strings to look for."""
         want_logprobs = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
-        now = time.monotonic()
+        now = now or time.monotonic()
         for i, (s, token) in enumerate(zip(seqs, tokens)):
             p, request = s.request.params, s.request
             if request.first_token is None:
@@ -902,7 +1013,8 @@ class Engine:
                     s.logprobs.append(self._token_logprob(logprobs[want_logprobs.index(i)], token, p.logprobs))
                 if p.max_tokens is not None and len(s.out_ids) >= p.max_tokens or s.cached + 1 >= self.context_len:
                     s.finish_reason = "length"
-            self._emit(s)
+            if emit or s.finish_reason is not None or p.stop:
+                self._emit(s)
         self.metrics.completion_tokens.inc(sum(1 for s in seqs if s.request.params.max_tokens != 0))
 
     def _emit(self, s: Sequence) -> None:
