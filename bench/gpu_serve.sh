@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 8): the serving engine's GPU
-# tests (the decode step as CUDA graphs against the eager step, bursts of compiled steps), then
-# bench/serve_bench.py against Hugging Face `generate` in three settings on the same machine.
+# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 8): the decode step's own time
+# (bench/decode_step.py), the serving engine's GPU tests (the decode step as CUDA graphs against the eager step,
+# bursts of compiled steps), then bench/serve_bench.py against Hugging Face `generate` in three settings.
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
@@ -23,18 +23,21 @@ if ! python3 -c 'import fastapi, uvicorn, httpx' 2>/dev/null; then
     python3 -m pip install -q --no-index --no-cache-dir --find-links .whl fastapi uvicorn httpx || exit 1
 fi
 
+echo "== the decode step alone (bench/decode_step.py)"
+timeout 120 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
+
 echo "== GPU tests: serving with CUDA graphs"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
 
 # 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults); --engine adds the rows without HTTP.
-# The defaults (compiled steps in graphs of bursts of 8 greedy steps), bursts of 16, then one eager step per graph.
+# The defaults (compiled steps in graphs of bursts of 16 greedy steps), bursts of 8, then one eager step per graph.
 run_bench() {
     echo "== serve_bench $*"
     timeout 110 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
         || failed+=("serve_bench $*")
 }
 run_bench --engine
-run_bench --decode-steps 16
+run_bench --decode-steps 8
 run_bench --decode-steps 1 --compile off
 
 if ((${#failed[@]})); then

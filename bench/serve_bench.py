@@ -3,7 +3,8 @@
 Starts `lmforge serve` on a checkpoint as a subprocess and drives it over HTTP with greedy streaming completions
 (OpenAI /v1/completions, SSE), every request asking for exactly --max-tokens new tokens (ignore_eos):
   batch 1: --repeats requests, one at a time;
-  concurrent: --concurrency requests sent at once (asyncio + httpx), continuous batching doing the rest.
+  concurrent: --concurrency clients (asyncio + httpx) that send --back-to-back requests each, the next as soon as
+  one ends, so that --concurrency requests are in flight until the last ones end; continuous batching does the rest.
 HF LlamaForCausalLM / Qwen3ForCausalLM holding the same weights (renamed 1:1; its logits are checked against ours
 first) runs `generate` in this process on the same prompts, at batch 1 and at batch --concurrency, in the same
 dtype (fp32 on CPU, bf16 on CUDA). Both use torch's default thread count. With --engine, the engine is also timed
@@ -315,8 +316,13 @@ async def one_at_a_time(client: HTTPClient | EngineClient, prompts: list[str], m
     return [await client.complete(p, max_tokens) for p in prompts]
 
 
-async def all_at_once(client: HTTPClient | EngineClient, prompts: list[str], max_tokens: int) -> list[Timing]:
-    return list(await asyncio.gather(*(client.complete(p, max_tokens) for p in prompts)))
+async def all_at_once(client: HTTPClient | EngineClient, prompts: list[str], max_tokens: int,
+                      back_to_back: int = 1) -> list[Timing]:
+    """One request per prompt at once; with back_to_back > 1, each then sends its next as soon as one ends (a
+    closed loop that keeps len(prompts) requests in flight, as serving benchmarks run a concurrency level)."""
+    async def client_loop(prompt: str) -> list[Timing]:
+        return [await client.complete(prompt, max_tokens) for _ in range(back_to_back)]
+    return [t for ts in await asyncio.gather(*(client_loop(p) for p in prompts)) for t in ts]
 
 
 # ---- Hugging Face generate -----------------------------------------------------------------------------------
@@ -371,11 +377,12 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
         for _ in range(args.rounds):
             rows[0].add_sequential(await one_at_a_time(clients[0], single, M))
             rows[1].add_sequential([hf_generate(hf, prompt_ids[i : i + 1], M, tokenizer) for i in range(len(single))])
-            rows[2].add_together(await all_at_once(clients[0], prompts, M), C)
+            rows[2].add_together(await all_at_once(clients[0], prompts, M, args.back_to_back), C * args.back_to_back)
             rows[3].add_together([hf_generate(hf, prompt_ids, M, tokenizer)], C)
             if engine is not None:
                 rows[4].add_sequential(await one_at_a_time(clients[1], single, M))
-                rows[5].add_together(await all_at_once(clients[1], prompts, M), C)
+                rows[5].add_together(await all_at_once(clients[1], prompts, M, args.back_to_back),
+                                     C * args.back_to_back)
     finally:
         await clients[0].close()
     return rows
@@ -404,6 +411,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="requests per round in the batch-1 rows")
+    parser.add_argument("--back-to-back", type=int, default=4, metavar="R",
+                        help="requests each of the --concurrency clients sends in turn per round in the concurrent "
+                        "rows, the next as soon as one ends (default 4; 1 = one wave sent at once)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of every row")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
@@ -412,13 +422,13 @@ def main() -> None:
                         help="lmforge's decode step as CUDA graphs on a GPU (as `lmforge serve --cuda-graphs`)")
     parser.add_argument("--compile", choices=["on", "off"], default="on",
                         help="torch.compile lmforge's decode step (as `lmforge serve --compile`)")
-    parser.add_argument("--decode-steps", type=int, default=8, metavar="K",
+    parser.add_argument("--decode-steps", type=int, default=16, metavar="K",
                         help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
     args = parser.parse_args()
     if args.ckpt is None:
         raise LmforgeError("no checkpoint: pass --ckpt RUN|PATH; `make demo` trains one into "
                            "lmforge-work/runs/stdlib-d2-<date>-<time>")
-    for name in ("concurrency", "max_tokens", "prompt_tokens", "repeats", "rounds"):
+    for name in ("concurrency", "max_tokens", "prompt_tokens", "repeats", "rounds", "back_to_back"):
         if getattr(args, name) < 1:
             raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.repeats > args.concurrency:
@@ -466,7 +476,8 @@ def main() -> None:
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")
-    print(f"{args.concurrency} concurrent, prompts of {args.prompt_tokens} tokens, {args.max_tokens} new tokens "
+    print(f"{args.concurrency} concurrent ({args.back_to_back} requests each in turn), prompts of "
+          f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens "
           f"(greedy, ignore_eos); batch 1: {args.repeats} requests in turn; {args.rounds} rounds, medians")
     print(f"HF {type(hf).__name__}: logits within {logit_diff:.1e} of ours; greedy text equal to lmforge's on "
           f"{same}/{len(ours_1.timings)} batch-1 requests")

@@ -77,11 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, capture the decode step as CUDA graphs for padded batch sizes 1, 2, 4, ... up to "
                    "--max-concurrency (a few seconds at start) and replay them: one launch per step instead of one "
                    "per kernel (default on; no effect on a CPU; with --compile on, the graphs replay the compiled step)")
-    p.add_argument("--decode-steps", type=int, default=8, metavar="K",
+    p.add_argument("--decode-steps", type=int, default=16, metavar="K",
                    help="greedy tokens decoded per scheduler step, each step's token fed to the next on the device: "
                    "one wait for the device and one burst of events per K tokens, while every running request is "
                    "greedy without penalties or logprobs; new requests and cancellations wait for the burst "
-                   "(default 8; 1 = one token per step)")
+                   "(default 16; 1 = one token per step)")
     p.add_argument("--model-name", metavar="NAME", help="the model name clients send (default: the run name)")
     p.add_argument("--guard", metavar="POLICY", help="guard rails on input and output: a policy YAML file, or "
                    "'builtin' for the shipped default (default: no guard)")

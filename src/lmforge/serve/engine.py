@@ -402,26 +402,29 @@ class DecodeGraphs:
         torch.cuda.synchronize(self._inputs.device)
         return time.perf_counter() - start
 
-    def _forward(self, batch: int, length: int) -> None:
-        """The padded step, from the static inputs into the static outputs: what a graph records."""
+    def _forward(self, batch: int, length: int, tokens: torch.Tensor, keep_logits: bool) -> None:
+        """The padded step, from the static inputs into the static outputs: what a graph records. The argmax goes
+        to `tokens` (b,), the logits to their buffer only where wanted (a burst reads none)."""
         view = self.cache.rows(0, batch)
         view.attend_len = length
         positions = self._inputs[1, :batch]  # (b,)
         logits = self.forward(self._inputs[0, :batch, None], kv_cache=view, start_pos=positions)  # (b, 1, V)
         view.commit(positions)
-        logits = logits[:, 0, : self.vocab].float()  # (b, V)
-        self._logits[:batch].copy_(logits)
-        torch.argmax(logits, dim=-1, out=self._argmax[:batch])
+        logits = logits[:, 0, : self.vocab]  # (b, V)
+        if keep_logits:
+            self._logits[:batch].copy_(logits)
+        torch.argmax(logits, dim=-1, out=tokens)
 
     def _run(self, batch: int, length: int, steps: int) -> None:
         """`steps` padded steps, each fed the previous one's argmax at the next position."""
+        if steps == 1:
+            self._forward(batch, length, self._argmax[:batch], keep_logits=True)
+            return
         for k in range(steps):
-            self._forward(batch, length)
-            if steps > 1:
-                self._ahead[k, :batch].copy_(self._argmax[:batch])
-                if k < steps - 1:
-                    self._inputs[0, :batch].copy_(self._argmax[:batch])
-                    self._inputs[1, :batch] += 1
+            self._forward(batch, length, self._ahead[k, :batch], keep_logits=False)
+            if k < steps - 1:
+                self._inputs[0, :batch].copy_(self._ahead[k, :batch])
+                self._inputs[1, :batch] += 1
 
     def _load(self, tokens: list[int], positions: list[int]) -> None:
         B = len(tokens)

@@ -1,0 +1,108 @@
+"""Time of the serving engine's decode step alone, by batch size: the floor under `lmforge serve`'s decode rate.
+
+For each batch size, the padded decode step of `DecodeGraphs` (forward, KV-cache write, argmax) run eagerly from
+Python, the same with the model torch.compile'd, and on a GPU replayed as CUDA graphs of one step and of bursts of
+--decode-steps steps (each fed the last one's argmax on the device). Each figure is the median of --repeats timed
+runs, per token step, including the read of the tokens on the host that the engine does. With --kernels, the
+kernels of one compiled step on a GPU, from torch.profiler: where a graph replay's time goes.
+
+    python bench/decode_step.py --ckpt RUN|PATH                          # CPU: eager and compiled
+    python bench/decode_step.py --ckpt RUN --device cuda --kernels       # GPU: also graphs, and the kernels
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from lmforge.checkpoint import load_model, resolve_checkpoint
+from lmforge.errors import LmforgeError
+from lmforge.model.sizing import describe
+from lmforge.serve.engine import DecodeGraphs
+from lmforge.workspace import Workspace
+
+
+def per_step_us(run, device: torch.device, steps: int, repeats: int) -> float:
+    """Median microseconds per token step of `run()` (which does `steps` steps and reads their tokens)."""
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, metavar="RUN|PATH", help="run name, run folder or checkpoint folder")
+    parser.add_argument("--workspace", metavar="DIR", help="where run names are looked up")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    parser.add_argument("--decode-steps", type=int, default=8, metavar="K", help="steps per burst (default 8)")
+    parser.add_argument("--position", type=int, default=48, help="cached positions of every row (default 48)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure (default 50)")
+    parser.add_argument("--kernels", action="store_true", help="list the kernels of one compiled step (GPU)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError("--device cuda but torch sees no CUDA device; use --device cpu")
+
+    ckpt = resolve_checkpoint(args.ckpt, Workspace.resolve(args.workspace).runs_dir)
+    loaded = load_model(ckpt, str(device))
+    model, vocab = loaded.model.eval(), loaded.tokenizer.vocab_size
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    if not 0 <= args.position < model.shape.max_seq_len - args.decode_steps:
+        raise LmforgeError(f"--position must leave --decode-steps positions in the context of "
+                           f"{model.shape.max_seq_len}")
+    slots = max(args.batch)
+    compiled = torch.compile(model, dynamic=True)
+    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+          f"{next(model.parameters()).dtype}; model: {describe(model.shape)}")
+    print(f"\n{'batch':>5} {'eager':>10} {'compiled':>10} {'graph':>10} {f'graph x{args.decode_steps}':>10}"
+          f"   (us per token step)")
+    with torch.inference_mode():
+        for batch in args.batch:
+            tokens, positions = [1] * batch, [args.position] * batch
+            figures = []
+            for forward in (model, compiled):
+                eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=forward)  # never captured
+                figures.append(per_step_us(lambda: eager.step(tokens, positions)[1].tolist(), device, 1,
+                                           args.repeats))
+            if device.type == "cuda":
+                graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps,
+                                      forward=compiled)
+                graphs.capture()
+                figures.append(per_step_us(lambda: graphs.step(tokens, positions)[1].tolist(), device, 1,
+                                           args.repeats))
+                figures.append(per_step_us(lambda: graphs.ahead(tokens, positions), device, args.decode_steps,
+                                           args.repeats))
+            print(f"{batch:>5} " + " ".join(f"{f:>10.1f}" for f in figures))
+
+        if args.kernels and device.type == "cuda":
+            eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled)
+            step = lambda: eager.step([1], [args.position])[1].tolist()  # noqa: E731
+            step()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            total = sum(e.device_time for e in kernels)
+            print(f"\none compiled step at batch 1: {len(kernels)} kernels and copies, {total:.1f} us on the device")
+            by_name: dict[str, float] = {}
+            for e in kernels:
+                by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+            for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
+                print(f"{us:>8.1f} us  {name[:100]}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LmforgeError as e:
+        sys.exit(f"decode_step: {e}")
