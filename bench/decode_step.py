@@ -11,6 +11,7 @@ kernels of one compiled step on a GPU, from torch.profiler: where a graph replay
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -36,6 +37,11 @@ def per_step_us(run, device: torch.device, steps: int, repeats: int) -> float:
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times) * 1e6
+
+
+def one_step(graphs: DecodeGraphs, tokens: list[int], positions: list[int]) -> list[int]:
+    """A single step and the read of its tokens, as the engine's step does."""
+    return graphs.step(tokens, positions)[1].tolist()
 
 
 def main() -> None:
@@ -73,24 +79,23 @@ def main() -> None:
             figures = []
             for forward in (model, compiled):
                 eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=forward)  # never captured
-                figures.append(per_step_us(lambda: eager.step(tokens, positions)[1].tolist(), device, 1,
+                figures.append(per_step_us(functools.partial(one_step, eager, tokens, positions), device, 1,
                                            args.repeats))
             if device.type == "cuda":
                 graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps,
                                       forward=compiled)
                 graphs.capture()
-                figures.append(per_step_us(lambda: graphs.step(tokens, positions)[1].tolist(), device, 1,
+                figures.append(per_step_us(functools.partial(one_step, graphs, tokens, positions), device, 1,
                                            args.repeats))
-                figures.append(per_step_us(lambda: graphs.ahead(tokens, positions), device, args.decode_steps,
-                                           args.repeats))
+                figures.append(per_step_us(functools.partial(graphs.ahead, tokens, positions), device,
+                                           args.decode_steps, args.repeats))
             print(f"{batch:>5} " + " ".join(f"{f:>10.1f}" for f in figures))
 
         if args.kernels and device.type == "cuda":
             eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled)
-            step = lambda: eager.step([1], [args.position])[1].tolist()  # noqa: E731
-            step()
+            one_step(eager, [1], [args.position])
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                step()
+                one_step(eager, [1], [args.position])
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             total = sum(e.device_time for e in kernels)
             print(f"\none compiled step at batch 1: {len(kernels)} kernels and copies, {total:.1f} us on the device")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wait_until
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.errors import LmforgeError
@@ -13,8 +14,10 @@ from lmforge.model.sizing import shape_from_depth
 from lmforge.model.transformer import Transformer
 from lmforge.serve.engine import (
     DecodeGraphs,
+    Delta,
     Engine,
     EngineConfig,
+    Finished,
     SamplingParams,
     attend_lengths,
     padded_batch_sizes,
@@ -163,3 +166,18 @@ def test_bursts_of_greedy_steps_answer_as_one_step_at_a_time(checkpoint, padded)
 def test_decode_steps_out_of_range_is_refused():
     with pytest.raises(LmforgeError, match="--decode-steps must be between 1 and"):
         EngineConfig(decode_steps=0).validate()
+
+
+def test_a_cancelled_request_frees_its_row_after_the_burst(checkpoint):
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=2, decode_steps=8)).start()
+    try:
+        handle = engine.submit(PROMPTS[1], SamplingParams(max_tokens=55, temperature=0, ignore_eos=True))
+        first = next(e for e in handle.events(timeout=30) if isinstance(e, Delta))
+        handle.cancel()
+        assert wait_until(lambda: engine.stats()["running"] == 0, seconds=2.0)
+        assert engine.metrics.cancelled._value.get() == 1
+        assert len(first.token_ids) == 1  # the prefill's token, alone; then bursts of up to 8
+        finished = [e for e in handle.events(timeout=5) if isinstance(e, Finished)]
+        assert finished and finished[0].usage.completion_tokens < 55
+    finally:
+        engine.stop()
