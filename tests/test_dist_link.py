@@ -151,7 +151,8 @@ def test_wire_bytes():
     assert wire_bytes(1000, "fp32") == 4000
     assert wire_bytes(1000, "bf16") == 2000
     assert wire_bytes(1000, "int8") == 1000 + 4 * 4  # ceil(1000 / 256) = 4 fp32 scales
-    with pytest.raises(ConfigError, match="fp32, bf16, int8"):
+    assert wire_bytes(1000, "nf4") == 512 + 4 * 8  # 8 blocks of 128 half-bytes, each with an fp32 scale
+    with pytest.raises(ConfigError, match="fp32, bf16, int8, nf4"):
         wire_bytes(1000, "fp8")
 
 

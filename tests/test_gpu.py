@@ -100,55 +100,44 @@ def run_all(engine: Engine, prompts: list[str], params: list[SamplingParams]) ->
     return [h.result(timeout=120).token_ids[0] for h in handles]
 
 
-def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact_fp32):
-    """fp32, so that the padded batch's other matmul kernels cannot tip a near-tie; 24 rows: batches 1..24 pad to
-    1, 2, 4, 8, 16, 24 as requests finish and queued ones join mid-batch."""
-    config = {"max_concurrency": 24, "max_queue": 256, "device": "cuda", "dtype": "fp32"}
-    eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
-    graphed = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config))
-    assert eager.decode_graphs is None and graphed.graph_seconds > 0
-    assert sorted(graphed.decode_graphs.graphs) == [(b, 64, 1) for b in (1, 2, 4, 8, 16, 24)]  # context 64: one length
-    graphed.start()
-    to_the_end = eager.context_len - len(eager.tokenizer.encode(PROMPTS[3]))
-    params = [SamplingParams(max_tokens=2 + 3 * (i % 11), temperature=0, ignore_eos=True) for i in range(64)]
-    params[3] = SamplingParams(max_tokens=to_the_end, temperature=0, ignore_eos=True)
-    params[5] = SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.5)  # greedy, penalised
-    params[7] = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, logprobs=2)  # sampled, seeded
-    try:
-        alone = [eager.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)]
-        assert [graphed.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)] == alone
-        assert run_all(graphed, PROMPTS, params) == alone
-        assert run_all(eager, PROMPTS, params) == alone
-        # graphs at several attended lengths (16, 32, 64), captured while no row holds a sequence
-        graphs = DecodeGraphs(graphed.model, graphed.cache, graphed.vocab, shortest=16)
-        with torch.inference_mode():
-            graphs.capture()
-        graphed.decode_graphs = graphs
-        assert run_all(graphed, PROMPTS, params) == alone
-    finally:
-        eager.stop()
-        graphed.stop()
-
-
-def test_graphed_bursts_of_compiled_steps_decode_as_eager_alone(serve_checkpoint, exact_fp32):
-    """--decode-steps 4 --compile on, as CUDA graphs: each graph holds 4 compiled steps, each fed the last one's
-    argmax on the device. Greedy outputs (ending at max_tokens, a stop string, the context's end) equal the eager
-    engine's alone; the penalised and sampled requests make the batch fall back to one step at a time."""
-    config = {"max_concurrency": 24, "max_queue": 256, "device": "cuda", "dtype": "fp32"}
-    eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
-    bursts = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, decode_steps=4, compile=True))
-    assert sorted(bursts.decode_graphs.graphs) == [(b, 64, k) for b in (1, 2, 4, 8, 16, 24) for k in (1, 4)]
-    bursts.start()
-    to_the_end = eager.context_len - len(eager.tokenizer.encode(PROMPTS[3]))
+def mixed_params(engine: Engine) -> list[SamplingParams]:
+    """One request per prompt: greedy ones that end at max_tokens (1 to 31), at a stop string and at the end of
+    the context, next to a penalised and a sampled one."""
+    to_the_end = engine.context_len - len(engine.tokenizer.encode(PROMPTS[3]))
     params = [SamplingParams(max_tokens=1 + 3 * (i % 11), temperature=0, ignore_eos=True) for i in range(64)]
     params[3] = SamplingParams(max_tokens=to_the_end, temperature=0, ignore_eos=True)
     params[4] = SamplingParams(max_tokens=30, temperature=0, stop=(")", "\n"))
     params[5] = SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.5)  # greedy, penalised
     params[7] = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, logprobs=2)  # sampled, seeded
+    return params
+
+
+@pytest.mark.parametrize("steps, compiled", [(1, False), (4, True)], ids=["one-step", "compiled-bursts-of-4"])
+def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact_fp32, steps, compiled):
+    """fp32, so that the padded batch's other matmul kernels cannot tip a near-tie; 24 rows: batches 1..24 pad to
+    1, 2, 4, 8, 16, 24 as requests finish and queued ones join mid-batch. With --decode-steps 4 --compile on, a
+    graph also holds 4 compiled steps, each fed the last one's argmax on the device (the penalised and sampled
+    requests make the batch fall back to one step at a time while they run)."""
+    config = {"max_concurrency": 24, "max_queue": 256, "device": "cuda", "dtype": "fp32"}
+    eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
+    graphed = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, decode_steps=steps, compile=compiled))
+    assert eager.decode_graphs is None and graphed.graph_seconds > 0
+    assert sorted(graphed.decode_graphs.graphs) == \
+        [(b, 64, k) for b in (1, 2, 4, 8, 16, 24) for k in sorted({1, steps})]  # context 64: one length
+    graphed.start()
+    params = mixed_params(eager)
     try:
         alone = [eager.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)]
-        assert [bursts.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)] == alone
-        assert run_all(bursts, PROMPTS, params) == alone
+        assert [graphed.generate(p, q).token_ids[0] for p, q in zip(PROMPTS, params)] == alone
+        assert run_all(graphed, PROMPTS, params) == alone
+        if steps == 1:
+            assert run_all(eager, PROMPTS, params) == alone
+            # graphs at several attended lengths (16, 32, 64), captured while no row holds a sequence
+            graphs = DecodeGraphs(graphed.model, graphed.cache, graphed.vocab, shortest=16)
+            with torch.inference_mode():
+                graphs.capture()
+            graphed.decode_graphs = graphs
+            assert run_all(graphed, PROMPTS, params) == alone
     finally:
         eager.stop()
-        bursts.stop()
+        graphed.stop()

@@ -18,7 +18,8 @@ from test_train import losses
 
 from lmforge.cli import main
 from lmforge.meter.ledger import Ledger
-from lmforge.train.diloco import decode, encode, fragment_bounds
+from lmforge.dist.plan import wire_bytes
+from lmforge.train.diloco import NF4_LEVELS, decode, encode, fragment_bounds
 
 STEPS = ["--train.max_steps", "12", "--train.eval_every", "0", "--train.threads", "1"]
 TOLERANCE = 1e-5
@@ -74,12 +75,12 @@ def test_diloco_two_sites_keep_identical_global_weights(prepared):
 
 
 def test_streaming_overlapped_diloco_agrees_on_theta(prepared):
-    """Streaming (2 fragments at staggered steps) with each exchange overlapped by one inner step, int8 wire:
+    """Streaming (2 fragments at staggered steps) with each exchange overlapped by one inner step, nf4 wire:
     every outer update leaves every rank with the same θ, and every fragment is exchanged every H steps."""
     workspace, data = prepared
     p = run_subprocess(workspace, "train", *data, "--name", "streaming", *STEPS, "--train.batch_size", "4",
                        "--train.checkpoint_every", "0", "--nproc", "2", "--sites", "2", "--sync-every", "4",
-                       "--sites.fragments", "2", "--sites.overlap_steps", "1", "--sites.wire", "int8")
+                       "--sites.fragments", "2", "--sites.overlap_steps", "1", "--sites.wire", "nf4")
     assert p.returncode == 0, p.stderr[-3000:]
     ledger = Ledger(workspace / "ledger.db")
     run = ledger.get_run("streaming")
@@ -90,16 +91,36 @@ def test_streaming_overlapped_diloco_agrees_on_theta(prepared):
     assert math.isfinite(run["summary"]["val_bpb"])
 
 
-def test_fragments_and_int8_wire():
+def test_fragments():
     assert fragment_bounds([10, 10, 10, 10], 2) == [(0, 20), (20, 40)]
     assert fragment_bounds([100, 1, 1, 1], 3) == [(0, 100), (100, 101), (101, 103)]
     assert fragment_bounds([5], 1) == [(0, 5)]
+
+
+# the largest gap between two neighbouring levels, as a share of a block's largest magnitude
+WIDEST_STEP = {"int8": 1 / 127, "nf4": float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max())}
+
+
+@pytest.mark.parametrize("wire, dtype, block, nbytes", [("int8", torch.int8, 256, 1024 + 4 * 4),
+                                                         ("nf4", torch.uint8, 128, 512 + 4 * 8)])
+def test_low_precision_wires_round_each_value_to_its_blocks_nearest_level(wire, dtype, block, nbytes):
     delta = torch.randn(1000) * torch.logspace(-3, 1, 1000)
-    parts = encode(delta, "int8")
-    assert parts[0].dtype == torch.int8 and parts[1].numel() == 4  # one scale per 256 values
-    back = decode(parts, "int8", 1000)
-    blocks = torch.nn.functional.pad(delta, (0, 24)).view(-1, 256).abs().amax(1).repeat_interleave(256)[:1000]
-    assert ((back - delta).abs() <= blocks / 254 + 1e-7).all()  # within half a quantisation step
+    parts = encode(delta, wire)
+    assert parts[0].dtype == dtype and parts[1].numel() == -(-1000 // block)  # one fp32 scale per block
+    assert sum(p.numel() * p.element_size() for p in parts) == nbytes == wire_bytes(1024, wire)
+    back = decode(parts, wire, 1000)
+    padded = torch.nn.functional.pad(delta, (0, -1000 % block)).view(-1, block)
+    step = (padded.abs().amax(1) * WIDEST_STEP[wire]).repeat_interleave(block)[:1000]
+    assert ((back - delta).abs() <= step / 2 + 1e-7).all()  # within half a step
+    assert torch.isclose(back.abs().max(), delta.abs().max())  # each block's largest value is a level
+
+
+def test_nf4_rounds_normal_values_closer_than_16_even_levels():
+    x = torch.randn(10_000, 128)
+    scales = x.abs().amax(dim=1, keepdim=True)
+    even = (x / scales * 7).round() / 7 * scales  # int4: -7..7
+    nf4 = decode(encode(x.flatten(), "nf4"), "nf4", x.numel()).view_as(x)
+    assert (nf4 - x).pow(2).mean() < 0.75 * (even - x).pow(2).mean()
 
 
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(prepared):

@@ -175,8 +175,9 @@ class SitesConfig:
     outer_lr: float = option(0.7, "Outer learning rate (Nesterov SGD on the averaged pseudo-gradient; DiLoCo's 0.7).")
     outer_momentum: float = option(0.9, "Outer Nesterov momentum (DiLoCo's 0.9).")
     wire: str = option(
-        "bf16", "Precision of the pseudo-gradients sent between sites: fp32, bf16, or int8 with one fp32 scale "
-        "per 256 values; they are always summed in fp32.", choices=("fp32", "bf16", "int8"),
+        "bf16", "Precision of the pseudo-gradients sent between sites: fp32, bf16, int8 with one fp32 scale "
+        "per 256 values, or nf4 (4-bit NormalFloat levels, two per byte) with one fp32 scale per 128 values; they "
+        "are always summed in fp32.", choices=("fp32", "bf16", "int8", "nf4"),
     )
     fragments: int = option(
         1, "Streaming DiLoCo: cut the model into this many fragments, exchanged at staggered steps (each carries "

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-every", type=int, default=DEFAULT_SYNC_EVERY, metavar="H",
                    help=f"DiLoCo inner steps per outer step (default {DEFAULT_SYNC_EVERY})")
     p.add_argument("--wire", choices=WIRES, default="fp32", help="DiLoCo pseudo-gradient precision on the wire; int8 "
-                   "carries one fp32 scale per 256 values (default fp32; DDP always sends fp32)")
+                   "carries one fp32 scale per 256 values, nf4 one per 128 (default fp32; DDP always sends fp32)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--device", metavar="NAME", help="device profile of every site: " + ", ".join(profile_names())
                         + " ('cpu' measures this CPU; default: the config's meter settings, else this machine)")

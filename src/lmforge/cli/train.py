@@ -49,7 +49,7 @@ Each process takes --train.batch_size rows, so the global batch is N x batch_siz
 with any N that keeps that product).
 
 Across sites joined by slow links (DiLoCo): the processes form K sites that train on their own and
-average what they learned every H steps, sending 1/H of DDP's traffic or less (bf16/int8 on the wire):
+average what they learned every H steps, sending 1/H of DDP's traffic or less (bf16/int8/nf4 on the wire):
   lmforge train --config my.yaml --nproc 4 --sites 2 --sync-every 50 --link starlink
 Every cross-site transfer is delayed to what the link would take, so the run shows the real link's wall time.
 """
