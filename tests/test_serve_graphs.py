@@ -18,6 +18,7 @@ from lmforge.serve.engine import (
     Engine,
     EngineConfig,
     Finished,
+    Prefilled,
     SamplingParams,
     attend_lengths,
     padded_batch_sizes,
@@ -181,3 +182,23 @@ def test_a_cancelled_request_frees_its_row_after_the_burst(checkpoint):
         assert finished and finished[0].usage.completion_tokens < 55
     finally:
         engine.stop()
+
+
+def test_first_tokens_go_out_before_the_burst_that_follows_them(checkpoint):
+    """A burst of decode steps takes a while: the prefill's tokens are delivered before it starts, so a new
+    request's time to first token does not wait for it."""
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=2, decode_steps=8))  # not started
+    handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    delivered = []
+
+    def decode() -> None:  # what the caller holds when the burst starts
+        while (event := handle.poll()) is not None:
+            delivered.append(event)
+        engine._running.clear()
+
+    engine._decode = decode
+    with engine._wake:
+        admitted = engine._admit()
+    with torch.inference_mode():
+        engine._step(admitted)
+    assert [type(e) for e in delivered] == [Prefilled, Delta] and len(delivered[1].token_ids) == 1

@@ -773,6 +773,7 @@ class Engine:
         if admitted:
             self._prefill(admitted)
             self._retire()
+            self._deliver()  # the first tokens go out now, not after the decode step (a burst takes a while)
         if self._running:
             self._decode()
             self._retire()
