@@ -871,18 +871,27 @@ class Engine:
         if self.decode_graphs is not None:
             logits, argmax = self.decode_graphs.step([s.last_token for s in seqs], [s.cached for s in seqs])
         else:
-            idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-            positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-            view = self.cache.rows(0, len(seqs))
-            view.attend_len = max(s.cached for s in seqs)
-            logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab].float()  # (B, V)
-            view.commit(positions)
+            idx, positions, view = self._eager_inputs(seqs)
+            logits = self._eager_step(idx, positions, view, max(s.cached for s in seqs)).float()  # (B, V)
             argmax = None
         for s in seqs:
             s.cached += 1
         tokens = self._sample(seqs, logits, argmax)
         self._account(seqs, [1] * len(seqs), time.perf_counter() - start)
         self._append(seqs, tokens, logits)
+
+    def _eager_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """Each sequence's last token (B, 1) and position (B,), and the cache rows they run in."""
+        idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)
+        return idx, positions, self.cache.rows(0, len(seqs))
+
+    def _eager_step(self, idx: torch.Tensor, positions: torch.Tensor, view: KVCache, attend_len: int) -> torch.Tensor:
+        """One decode step without graphs, its keys and values written to the cache: the logits (B, V)."""
+        view.attend_len = attend_len
+        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]
+        view.commit(positions)
+        return logits
 
     def _steps_ahead(self) -> int:
         """Greedy steps the running batch takes at once (see _decode): 1 where any sequence needs its logits,
@@ -904,25 +913,21 @@ class Engine:
 
     def _decode_ahead(self, steps: int) -> None:
         """`steps` greedy tokens for every running sequence (see _decode)."""
-        start, started = time.perf_counter(), time.monotonic()
+        started = time.monotonic()
         seqs = self._running
         if self.decode_graphs is not None:
             ahead = self.decode_graphs.ahead([s.last_token for s in seqs], [s.cached for s in seqs])
         else:
-            idx = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-            positions = torch.tensor([s.cached for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-            view = self.cache.rows(0, len(seqs))
+            idx, positions, view = self._eager_inputs(seqs)
             furthest = max(s.cached for s in seqs)
             tokens = []
             for k in range(steps):
-                view.attend_len = furthest + k
-                logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]  # (B, V)
-                view.commit(positions)
-                idx = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)
+                idx = self._eager_step(idx, positions, view, furthest + k).float().argmax(dim=-1, keepdim=True)
                 tokens.append(idx[:, 0])
                 positions = positions + 1
             ahead = torch.stack(tokens).tolist()
-        seconds, ended = time.perf_counter() - start, time.monotonic()
+        ended = time.monotonic()
+        seconds = ended - started
         for k, tokens in enumerate(ahead):
             live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
             if not live:
@@ -989,7 +994,7 @@ class Engine:
         strings to look for."""
         want_logprobs = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
-        now = now or time.monotonic()
+        now = time.monotonic() if now is None else now
         for i, (s, token) in enumerate(zip(seqs, tokens)):
             p, request = s.request.params, s.request
             if request.first_token is None:
