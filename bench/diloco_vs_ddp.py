@@ -1,13 +1,15 @@
 """DiLoCo against DDP on this CPU: validation bpb, bytes on the wire, and wall time under each link preset.
 
     python bench/diloco_vs_ddp.py [--workspace DIR] [--steps 600] [--sync-every 10,50,100] [--wires fp32,bf16,int8]
-        [--batch-size 8] [--lr 0.01] [--outer-lr 0.7] [--outer-momentum 0.9] [--seeds 1337]
+        [--batch-size 8] [--lr 0.01] [--outer-lr 0.7] [--outer-momentum 0.9] [--sync-by steps]
+        [--seeds 1337]
 
 Two sites of one process each train the same model on the same tokens (the stdlib corpus, a depth-2 model,
 2 x --batch-size sequences of 128 tokens per step): once with DDP (a gradient all-reduce every step) and once per
 DiLoCo setting (an outer exchange every H steps in the wire precision). --lr is both the AdamW and the Muon learning
 rate, the same for DDP and every site; --outer-lr and --outer-momentum set DiLoCo's outer Nesterov SGD (1.0 and 0
-= plain averaging). Validation always reads the same 320 sequences. Every run goes to the ledger in the workspace,
+= plain averaging); --sync-by lr spaces DiLoCo's exchanges by the learning rate (H steps apart at its peak,
+farther apart in warm-up and decay: --sites.sync_by). Validation always reads the same 320 sequences. Every run goes to the ledger in the workspace,
 named by the settings that differ from the defaults.
 
 Wall time per link is computed, not run: the measured compute time of the run (its training time minus its time
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--sync-by", choices=("steps", "lr"), default="steps",
+                        help="DiLoCo's exchanges every H steps, or every H steps' worth of learning rate")
     parser.add_argument("--seeds", default="1337", help="comma-separated; with several, every run is repeated per "
                         "seed and the bpb gaps are averaged")
     args = parser.parse_args()
@@ -91,7 +95,8 @@ def main() -> None:
           f"same seed; {'the mean over seeds' if len(seeds) > 1 else 'seed'} {', '.join(map(str, seeds))}):")
     for (h, wire), values in gaps.items():
         gap, met = statistics.mean(values), fewer[h, wire] >= 100 and statistics.mean(values) <= 2
-        print(f"H {h:>4} {wire:<5} {fewer[h, wire]:>5.0f}x fewer bytes, bpb {gap:+.2f}%"
+        spread = f" +- {statistics.stdev(values) / len(values) ** 0.5:.2f} (standard error)" if len(values) > 1 else ""
+        print(f"H {h:>4} {wire:<5} {fewer[h, wire]:>5.0f}x fewer bytes, bpb {gap:+.2f}%{spread}"
               + (f" (per seed {'  '.join(f'{v:+.2f}%' for v in values)})" if len(values) > 1 else "")
               + f": {'MET' if met else 'not met'}")
 
@@ -103,8 +108,8 @@ def compare(args: argparse.Namespace, seed: int) -> list[tuple]:
     common = ["--train.lr", str(args.lr), "--train.matrix_lr", str(args.lr), "--train.seed", str(seed)]
     tag = "".join(f"-{key}{value:g}" for key, value, default in [("b", args.batch_size, 8), ("lr", args.lr, 0.01),
                                                                    ("s", seed, 1337)] if value != default)
-    outer = "" if (args.outer_lr, args.outer_momentum) == (0.7, 0.9) else \
-        f"-o{args.outer_lr:g}m{args.outer_momentum:g}"
+    outer = ("" if (args.outer_lr, args.outer_momentum) == (0.7, 0.9) else
+             f"-o{args.outer_lr:g}m{args.outer_momentum:g}") + ("-bylr" if args.sync_by == "lr" else "")
     rows = []
     ddp = train(args.workspace, f"ddp-{args.steps}{tag}", args.steps, args.batch_size, *common)
     params, steps = ddp["params"], ddp["steps"]
@@ -116,8 +121,8 @@ def compare(args: argparse.Namespace, seed: int) -> list[tuple]:
             s = train(args.workspace, f"diloco-h{h}-{wire}-{args.steps}{tag}{outer}", args.steps, args.batch_size,
                       *common, "--sites", str(SITES), "--sync-every", str(h), "--sites.wire", wire, "--link",
                       "datacenter", "--sites.outer_lr", str(args.outer_lr), "--sites.outer_momentum",
-                      str(args.outer_momentum))
-            exchanges = -(-steps // h)
+                      str(args.outer_momentum), "--sites.sync_by", args.sync_by)
+            exchanges = s.get("outer_steps", -(-steps // h))  # (runs recorded before outer_steps: every H steps)
             per_exchange = s["comm_bytes_per_site"] / exchanges / (SITES - 1)  # one site's all-gather payload
 
             def seconds(link, exchanges=exchanges, wire=wire, per_exchange=per_exchange):

@@ -173,6 +173,11 @@ def test_plan_arithmetic():
         assert s.comm_seconds_per_step == pytest.approx(s.comm_seconds / 1000)
     same = plan_link(cfg, sites=4, link=link, peak_flops=100e12, sync_every=1, wire="fp32")
     assert same.diloco.wall_seconds == pytest.approx(same.ddp.wall_seconds)  # H=1 in fp32 is DDP's traffic
+    # by lr: 20 steps of warm-up and a decay over the last 40% spread 300 steps' exchanges out (SyncClock)
+    short = load_config(None, {"model.depth": 2, "train.max_steps": 300, "train.warmup_steps": 20})
+    by_lr = plan_link(short, sites=2, link=link, peak_flops=1e12, sync_every=11, sync_by="lr", wire="nf4")
+    assert by_lr.diloco.syncs == 22 < math.ceil(300 / 11) and by_lr.diloco.sync_by == "lr"  # 21 + the checkpoint
+    assert short.train.checkpoint_every == 200  # at 200, between the exchanges at 198 and 212
     tokens = load_config(None, {"model.depth": 2, "train.max_tokens": 10**6, "train.batch_size": 8})
     assert plan_link(tokens, sites=2, link=link, peak_flops=1e12).steps == math.ceil(10**6 / (2 * 8 * 256))
 

@@ -20,6 +20,7 @@ from lmforge.cli import main
 from lmforge.meter.ledger import Ledger
 from lmforge.dist.plan import wire_bytes
 from lmforge.train.diloco import NF4_LEVELS, decode, encode, fragment_bounds
+from lmforge.train.schedule import SyncClock, exchanges_in_run, lr_multiplier
 
 STEPS = ["--train.max_steps", "12", "--train.eval_every", "0", "--train.threads", "1"]
 TOLERANCE = 1e-5
@@ -86,9 +87,50 @@ def test_streaming_overlapped_diloco_agrees_on_theta(prepared):
     run = ledger.get_run("streaming")
     spreads = ledger.get_metrics(run["id"], "replica_spread")
     # fragment 1 is sent at 2, 6, 10 and fragment 0 at 4, 8, 12, each applied one step later; the end of the run
-    # applies the one still in flight and exchanges both fragments once more (not a step metric)
+    # applies the one still in flight and exchanges fragment 1 once more (not a step metric)
     assert [step for step, _, _ in spreads] == [3, 5, 7, 9, 11] and all(v == 0 for _, _, v in spreads)
     assert math.isfinite(run["summary"]["val_bpb"])
+
+
+def test_diloco_sync_by_lr_exchanges_as_the_clock_says_and_checkpoints_between_exchanges(prepared):
+    """sync_by lr, H = 3, warm-up 4, decay over the second half of 12 steps: the learning-rate multipliers add up to
+    H after steps 5 and 8 (SyncClock); a checkpoint at step 10, between exchanges, exchanges the whole model first,
+    and the run resumed from it keeps the clock (the last exchange ends the run)."""
+    workspace, data = prepared
+    args = [*data, "--name", "bylr", *STEPS, "--train.batch_size", "4", "--train.warmup_steps", "4",
+            "--train.decay_frac", "0.5", "--train.checkpoint_every", "5", "--nproc", "2", "--sites", "2",
+            "--sync-every", "3", "--sites.sync_by", "lr"]
+    p = run_subprocess(workspace, "train", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ledger = Ledger(workspace / "ledger.db")
+    run = ledger.get_run("bylr")
+    spreads = ledger.get_metrics(run["id"], "replica_spread")
+    assert [step for step, _, _ in spreads] == [5, 8] and all(v == 0 for _, _, v in spreads)
+    # 5 and 8 by the clock, 10 for the checkpoint, 12 to end the run (as plan-link counts them); each an
+    # all-gather of the bf16 model
+    planned = exchanges_in_run(12, 3, "lr", warmup_steps=4, decay_frac=0.5, min_lr_frac=0.0, checkpoint_every=5)
+    assert run["summary"]["outer_steps"] == planned == 4 and run["summary"]["sync_by"] == "lr"
+    assert run["summary"]["comm_bytes_per_site"] == 4 * 2 * run["summary"]["params"]
+    shutil.rmtree(workspace / "runs" / "bylr" / "checkpoints" / "step_00000012")
+    p = run_subprocess(workspace, "train", "--resume", "bylr", "--nproc", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ledger.get_run("bylr")["summary"]["outer_steps"] == 4
+
+
+def test_sync_clock():
+    for every, fragments in [(4, 1), (4, 2), (6, 3), (5, 2)]:
+        by_steps, by_lr = SyncClock(every, fragments), SyncClock(every, fragments, "lr")
+        for step in range(1, 40):  # at a constant rate, the lr clock is DiLoCo's step clock
+            due = [f for f in range(fragments) if step % every == f * every // fragments % every]
+            assert by_steps.due(step, 0.3) == due == by_lr.due(step, 1.0)
+    # warm-up-stable-decay over 300 steps, H = 11: 11 steps apart at the peak, further apart elsewhere
+    kw = dict(warmup_steps=20, decay_frac=0.4, min_lr_frac=0.0)
+    clock = SyncClock(11, by="lr")
+    steps = [s + 1 for s in range(300) if clock.due(s + 1, lr_multiplier(s, s / 300, **kw))]
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert steps[0] == 21 and steps[-1] == 300 and gaps[:15] == [11] * 15 and gaps[-1] == 50
+    assert exchanges_in_run(300, 11, "lr", **kw) == len(steps) == 21  # the last one ends the run
+    assert exchanges_in_run(300, 14, "steps", **kw) == 22  # 21 every 14 steps, then one to end the run
 
 
 def test_fragments():

@@ -172,6 +172,12 @@ class SitesConfig:
         "the ranks of one site are data-parallel among themselves.",
     )
     sync_every: int = option(50, "DiLoCo H: inner optimizer steps between two outer steps.")
+    sync_by: str = option(
+        "steps", "When the outer steps come: 'steps' every sync_every steps (DiLoCo's); 'lr' after every "
+        "sync_every steps' worth of learning rate, so sync_every steps apart at the peak rate and farther apart in "
+        "warm-up and decay, where the sites drift less per step, and the same bytes buy more exchanges at the peak.",
+        choices=("steps", "lr"),
+    )
     outer_lr: float = option(0.7, "Outer learning rate (Nesterov SGD on the averaged pseudo-gradient; DiLoCo's 0.7).")
     outer_momentum: float = option(0.9, "Outer Nesterov momentum (DiLoCo's 0.9).")
     wire: str = option(
@@ -264,9 +270,10 @@ class RunConfig:
             raise ConfigError(f"--sites.overlap_steps must be in [0, sync_every), got {self.sites.overlap_steps}")
         if self.sites.drop_after < 0 or self.sites.restarts < 0:
             raise ConfigError("--sites.drop_after and --sites.restarts must be >= 0")
-        if self.sites.drop_after > 0 and (self.sites.fragments > 1 or self.sites.overlap_steps > 0):
+        if self.sites.drop_after > 0 and (self.sites.fragments > 1 or self.sites.overlap_steps > 0
+                                          or self.sites.sync_by != "steps"):
             raise ConfigError("--sites.drop_after (fault tolerance) works with plain DiLoCo only; set "
-                              "--sites.fragments 1 and --sites.overlap_steps 0")
+                              "--sites.fragments 1, --sites.overlap_steps 0 and --sites.sync_by steps")
         if self.sites.drop_after > 0 and not 0 <= self.sites.site < self.sites.count:
             raise ConfigError(f"--sites.site must be in [0, {self.sites.count}), got {self.sites.site}")
         if not 0.0 <= self.sites.outer_momentum < 1.0:

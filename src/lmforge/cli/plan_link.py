@@ -14,6 +14,7 @@ from lmforge.dist.link import PRESETS, SPEC_FORMS, Link, parse_link, seconds_tex
 from lmforge.dist.plan import DEFAULT_MFU, DEFAULT_SYNC_EVERY, WIRES, LinkPlan, StrategyPlan, plan_link
 from lmforge.errors import ConfigError
 from lmforge.meter.hardware import profile_names, resolve_profile
+from lmforge.train.schedule import SYNC_BY
 
 HELP = "predict comm time, wall time and utilisation of a run across sites over a link (DDP vs DiLoCo)"
 DESCRIPTION = f"""\
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", required=True, metavar="PRESET_OR_SPEC", help=f"the link between sites: {SPEC_FORMS}")
     p.add_argument("--sync-every", type=int, default=DEFAULT_SYNC_EVERY, metavar="H",
                    help=f"DiLoCo inner steps per outer step (default {DEFAULT_SYNC_EVERY})")
+    p.add_argument("--sync-by", choices=SYNC_BY, default="steps", help="DiLoCo: outer steps every H steps, or "
+                   "every H steps' worth of learning rate (lr: H apart at the peak, farther apart in warm-up and "
+                   "decay; the config's schedule and checkpoints decide how many; default steps)")
     p.add_argument("--wire", choices=WIRES, default="fp32", help="DiLoCo pseudo-gradient precision on the wire; int8 "
                    "carries one fp32 scale per 256 values, nf4 one per 128 (default fp32; DDP always sends fp32)")
     device = p.add_mutually_exclusive_group()
@@ -97,7 +101,7 @@ def seconds(s: float) -> str:
 
 
 def strategy_label(s: StrategyPlan) -> str:
-    return "DDP" if s.strategy == "ddp" else f"DiLoCo H={s.sync_every} {s.wire}"
+    return "DDP" if s.strategy == "ddp" else f"DiLoCo H={s.sync_every}{' by lr' if s.sync_by == 'lr' else ''} {s.wire}"
 
 
 def print_plan(plan: LinkPlan, link: Link, config_name: str, device: str) -> None:
@@ -113,7 +117,8 @@ def print_plan(plan: LinkPlan, link: Link, config_name: str, device: str) -> Non
         table.add_column(strategy_label(s), justify="right")
     rows = [
         ("all-reduce payload", lambda s: human(s.payload_bytes, "B")),
-        ("all-reduces", lambda s: f"{s.syncs:,} (every {s.sync_every} step{'s' if s.sync_every > 1 else ''})"),
+        ("all-reduces", lambda s: f"{s.syncs:,} (every {s.sync_every} step{'s' if s.sync_every > 1 else ''}"
+                                  f"{' of peak learning rate' if s.sync_by == 'lr' else ''})"),
         ("time per all-reduce", lambda s: seconds(s.seconds_per_sync)),
         ("comm per step (mean)", lambda s: seconds(s.comm_seconds_per_step)),
         ("compute per step", lambda s: seconds(plan.compute_seconds_per_step)),
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     link = parse_link(args.link)
     peak, device = device_peak(args, cfg)
     plan = plan_link(cfg, sites=args.sites, link=link, peak_flops=peak, mfu=args.mfu, sync_every=args.sync_every,
-                     wire=args.wire)
+                     sync_by=args.sync_by, wire=args.wire)
     if args.json:
         print(json.dumps({**plan.to_dict(), "device": device}, indent=2))
     else:

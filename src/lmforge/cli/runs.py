@@ -79,7 +79,9 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
     ]
     if s.get("sites"):  # DiLoCo
         util = s.get("compute_utilisation")
-        sites = (f"{s['sites']} sites, outer step every {s['sync_every']} steps, {s['wire']} over {s['link']}: "
+        every = f"{s['sync_every']} steps" + (" of peak learning rate" if s.get("sync_by") == "lr" else "")
+        outer = f" ({s['outer_steps']} outer updates)" if s.get("outer_steps") else ""
+        sites = (f"{s['sites']} sites, outer step every {every}{outer}, {s['wire']} over {s['link']}: "
                  f"{human(s.get('comm_bytes_per_site'))}B sent per site, {duration(s.get('comm_seconds'))} "
                  f"communicating" + (f", compute {util * 100:.0f}% of training time" if util is not None else ""))
         if s.get("drop_after"):

@@ -8,7 +8,9 @@ stated in the output:
 - DDP all-reduces fp32 gradients of every parameter after every step and the link is never overlapped with
   compute (over slow links the all-reduce dwarfs the backward pass it could hide behind);
 - DiLoCo all-reduces the pseudo-gradient (every parameter) once per outer step of H inner steps, in the wire
-  precision, also not overlapped; a last sync ends the run, so a run of S steps syncs ceil(S / H) times.
+  precision, also not overlapped; a last sync ends the run, so a run of S steps syncs ceil(S / H) times (with
+  sync_by lr, as often as the learning-rate schedule over S steps calls for, plus one per checkpoint between
+  them: exchanges_in_run in train/schedule.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lmforge.config import RunConfig
 from lmforge.dist.link import Link, all_reduce_bytes_sent
 from lmforge.errors import ConfigError
 from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
+from lmforge.train.schedule import SYNC_BY, exchanges_in_run
 
 WIRES = ("fp32", "bf16", "int8", "nf4")
 INT8_BLOCK = 256  # elements sharing one fp32 scale: 4 / 256 = 1.6% overhead on the 1 byte per element
@@ -50,6 +53,7 @@ class StrategyPlan:
 
     strategy: str  # "ddp" or "diloco"
     sync_every: int  # steps between all-reduces (1 for DDP)
+    sync_by: str  # "steps", or "lr": sync_every steps' worth of learning rate
     wire: str  # precision on the wire
     payload_bytes: int  # the tensor one all-reduce carries
     syncs: int  # all-reduces in the whole run
@@ -85,13 +89,12 @@ class LinkPlan:
 
 
 def strategy_plan(strategy: str, link: Link, sites: int, params: int, steps: int, step_seconds: float,
-                  sync_every: int, wire: str) -> StrategyPlan:
+                  sync_every: int, sync_by: str, syncs: int, wire: str) -> StrategyPlan:
     payload = wire_bytes(params, wire)
-    syncs = math.ceil(steps / sync_every)
     per_sync = link.all_reduce_seconds(payload, sites)
     compute, comm = steps * step_seconds, syncs * per_sync
     return StrategyPlan(
-        strategy=strategy, sync_every=sync_every, wire=wire, payload_bytes=payload, syncs=syncs,
+        strategy=strategy, sync_every=sync_every, sync_by=sync_by, wire=wire, payload_bytes=payload, syncs=syncs,
         seconds_per_sync=per_sync, comm_seconds_per_step=comm / steps, compute_seconds=compute, comm_seconds=comm,
         wall_seconds=compute + comm, utilisation=compute / (compute + comm) if compute + comm else 1.0,
         bytes_sent_per_site=syncs * all_reduce_bytes_sent(payload, sites),
@@ -122,12 +125,14 @@ def run_steps(cfg: RunConfig, tokens_per_step: int, flops_per_step: float, step_
 
 
 def plan_link(cfg: RunConfig, *, sites: int, link: Link, peak_flops: float, mfu: float = DEFAULT_MFU,
-              sync_every: int = DEFAULT_SYNC_EVERY, wire: str = "fp32") -> LinkPlan:
+              sync_every: int = DEFAULT_SYNC_EVERY, sync_by: str = "steps", wire: str = "fp32") -> LinkPlan:
     """Predict the run in `cfg` across `sites` sites joined by `link`, each site one device of `peak_flops`."""
     if not isinstance(sites, int) or sites < 2:
         raise ConfigError(f"--sites must be at least 2 (one site sends nothing across a link), got {sites}")
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ConfigError(f"--sync-every must be a positive number of steps, got {sync_every}")
+    if sync_by not in SYNC_BY:
+        raise ConfigError(f"--sync-by must be one of {', '.join(SYNC_BY)}, got {sync_by!r}")
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}; 0.4 is typical for tuned GPU training")
     if not peak_flops > 0:
@@ -143,12 +148,15 @@ def plan_link(cfg: RunConfig, *, sites: int, link: Link, peak_flops: float, mfu:
     step_seconds = fpt * site_tokens / (peak_flops * mfu)
     tokens_per_step = sites * site_tokens
     steps, steps_from = run_steps(cfg, tokens_per_step, fpt * tokens_per_step, step_seconds)
+    t = cfg.train
+    syncs = exchanges_in_run(steps, sync_every, sync_by, warmup_steps=t.warmup_steps, decay_frac=t.decay_frac,
+                             min_lr_frac=t.min_lr_frac, checkpoint_every=t.checkpoint_every)
     link_info = {"name": link.name, "up_bps": link.up_bps, "down_bps": link.down_bps, "latency_s": link.latency_s,
                  "source": link.source}
     return LinkPlan(
         sites=sites, link=link_info, params=params, flops_per_token=fpt, tokens_per_step=tokens_per_step,
         steps=steps, tokens=steps * tokens_per_step, steps_from=steps_from, peak_flops=peak_flops, mfu=mfu,
         compute_seconds_per_step=step_seconds,
-        ddp=strategy_plan("ddp", link, sites, params, steps, step_seconds, sync_every=1, wire="fp32"),
-        diloco=strategy_plan("diloco", link, sites, params, steps, step_seconds, sync_every, wire),
+        ddp=strategy_plan("ddp", link, sites, params, steps, step_seconds, 1, "steps", steps, "fp32"),
+        diloco=strategy_plan("diloco", link, sites, params, steps, step_seconds, sync_every, sync_by, syncs, wire),
     )

@@ -11,7 +11,9 @@ own inner optimizer (whose state it keeps). Then the outer step, the same on eve
                                         rank gets bit-identical Δ
     b   = μ b + Δ;  θ -= lr (Δ + μ b)   Nesterov SGD (outer lr 0.7, μ 0.9 as in the paper)
 
-and every site continues from the new θ. Only rank j of each site talks to rank j of the others (one cross-site
+and every site continues from the new θ. With --sites.sync_by lr, the exchanges follow the learning rate instead:
+one after every H steps' worth of it, so H steps apart at the peak and farther apart in warm-up and decay
+(SyncClock in train/schedule.py). Only rank j of each site talks to rank j of the others (one cross-site
 group per j), and each such transfer is delayed to what the configured link would take (DelayedCollectives in
 dist/link.py), so a run on one machine shows the wall time of the real link. The bytes each rank sends and the seconds it spends in the outer
 exchange are counted for the ledger.
@@ -24,10 +26,10 @@ the leader's (a restarted site, a site that came too late to the last exchange) 
 the leader's θ, outer momentum and step instead: that is how a site rejoins. Plain DiLoCo only (one fragment, no
 overlap).
 
-Checkpoints are taken at multiples of H; they keep θ, the outer momentum, site 0's weights and site 0's inner
-optimizer state, which every site resumes from. With plain DiLoCo the sites hold θ at that step, so only the other
-sites' inner optimizer states are lost; with streaming or overlap the exchanges in flight are applied first and
-the other sites' progress since their last exchange is lost too.
+A checkpoint holds the global weights: where it does not fall on an exchange of the whole model (streaming,
+overlap, sync_by lr), the fragments not exchanged at its step are exchanged first. It keeps θ, the outer momentum, the sync clock, site 0's
+weights and site 0's inner optimizer state, which every site resumes from; only the other sites' inner optimizer
+states are lost.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from lmforge.dist.plan import INT8_BLOCK, NF4_BLOCK
 from lmforge.dist.quorum import Members, Quorum
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.parallel import World
+from lmforge.train.schedule import SyncClock
 
 
 @dataclass
@@ -137,8 +140,8 @@ class DiLoCo:
     """The outer loop of one rank: holds θ and the outer momentum; `after_step(step)` after every inner step.
 
     Streaming (`fragments` F > 1): the parameters are cut into F fragments of about equal size, and fragment f is
-    exchanged at steps s with s % H == f * H // F, so each exchange carries 1/F of the model and the link is busy
-    more evenly. Overlap (`overlap_steps` τ > 0): an exchange is started, the site keeps training, and only τ
+    exchanged at steps s with s % H == f * H // F (by steps; by lr, the same offsets in summed learning rate), so
+    each exchange carries 1/F of the model and the link is busy more evenly. Overlap (`overlap_steps` τ > 0): an exchange is started, the site keeps training, and only τ
     steps later is the outer step applied, keeping the progress the site made meanwhile:
     θ_site ← θ_new + (θ_site_now - θ_site_when_sent). With τ = 0 and F = 1 this is plain DiLoCo.
     """
@@ -154,40 +157,42 @@ class DiLoCo:
         self.theta = parameters_to_vector(self.params).detach().clone().float()  # (N,) the global weights
         self.momentum = torch.zeros_like(self.theta)
         self.fragments = fragment_bounds([p.numel() for p in self.params], cfg.fragments)  # [(start, end)] in θ
+        self.clock = SyncClock(cfg.sync_every, len(self.fragments), cfg.sync_by)
+        self.exchanged_at = [0] * len(self.fragments)  # the step each fragment was last sent at
         self.pending: list[Exchange] = []
         # fault-tolerant runs: the membership, exchanges this θ has seen, whether this site must catch up first
         self.quorum, self.seen, self.behind = quorum, 0, False
         # how long a member of an exchange waits for the others inside it before it gives up on them
         self.group_timeout_s = cfg.drop_after + 2 * self.link.all_reduce_seconds(4 * self.theta.numel(), 2) + 10
 
-    def after_step(self, step: int, work: tuple[float, float] = (0.0, 0.0)) -> list[OuterStats]:
+    def after_step(self, step: int, work: tuple[float, float] = (0.0, 0.0), lr_mult: float = 1.0) -> list[OuterStats]:
         """Finish the exchanges due at this step, then start the ones due; the outer steps completed now.
-        `work`: this site's (tokens, joules) so far, which a fault-tolerant exchange passes on to site 0."""
+        `work`: this site's (tokens, joules) so far, which a fault-tolerant exchange passes on to site 0;
+        `lr_mult`: the step's learning-rate multiplier, which the clock counts with sync_by lr."""
+        due = self.clock.due(step, lr_mult)
         if self.quorum is not None:
-            return [self._exchange(step, work)] if step % self.cfg.sync_every == 0 else []
+            return [self._exchange(step, work)] if due else []
         done = [self._finish(e) for e in self.pending if step - e.step >= self.cfg.overlap_steps]
         self.pending = [e for e in self.pending if step - e.step < self.cfg.overlap_steps]
-        for f in range(len(self.fragments)):
-            if step % self.cfg.sync_every == f * self.cfg.sync_every // len(self.fragments) % self.cfg.sync_every:
-                self.pending.append(self._start(f, step))
+        self.pending += [self._start(f, step) for f in due]
         if self.cfg.overlap_steps == 0:
             done += [self._finish(e) for e in self.pending]
             self.pending = []
         return done
 
-    def finish_pending(self) -> list[OuterStats]:
-        """Apply every exchange in flight now (before a checkpoint: what is in flight cannot be saved)."""
-        done = [self._finish(e) for e in self.pending]
-        self.pending = []
-        return done
+    def in_sync(self, step: int) -> bool:
+        """Whether every site holds θ after this step: nothing in flight, every fragment exchanged at it."""
+        return not self.pending and all(at == step for at in self.exchanged_at)
 
     def sync_all(self, step: int, work: tuple[float, float] = (0.0, 0.0)) -> list[OuterStats]:
-        """Finish every exchange in flight and exchange every fragment now (blocking): every site then holds θ.
-        At the end of a run, so what is saved is the global model."""
+        """Finish every exchange in flight, then exchange every fragment not exchanged at this step (blocking):
+        every site then holds θ. Before a checkpoint and at the end of a run, so what is saved is the global model."""
         if self.quorum is not None:
             return [self._exchange(step, work)]
-        done = self.finish_pending()
-        return done + [self._finish(self._start(f, step)) for f in range(len(self.fragments))]
+        done = [self._finish(e) for e in self.pending]
+        self.pending = []
+        behind = [f for f, at in enumerate(self.exchanged_at) if at != step]
+        return done + [self._finish(self._start(f, step)) for f in behind]
 
     def _slices(self, start: int, end: int):
         """For each parameter overlapping θ[start:end]: its flat view, the overlap in it, the overlap in the range."""
@@ -204,6 +209,7 @@ class DiLoCo:
 
     def _start(self, f: int, step: int) -> Exchange:
         start, end = self.fragments[f]
+        self.exchanged_at[f] = step
         local = self._flat(start, end)  # (n,)
         delta = self.theta[start:end] - local  # the pseudo-gradient Δ_s of this fragment
         sent = self.comm.stats.bytes_sent
@@ -272,7 +278,7 @@ class DiLoCo:
                                        + (f"; the last error: {str(error).splitlines()[0]}" if error else ""))
                 continue
             self.theta, self.momentum, self.seen, stats = outcome
-            self.behind = False
+            self.behind, self.exchanged_at = False, [stats.step]  # the leader's step, which a late site takes
             for flat, own, part in self._slices(0, self.theta.numel()):
                 flat[own].copy_(self.theta[part])
             if self.world.local_rank == 0:
@@ -338,11 +344,15 @@ class DiLoCo:
         return theta, momentum, int(metas[leader][0]) + 1, stats
 
     def state_dict(self) -> dict:
-        return {"theta": self.theta.clone(), "momentum": self.momentum.clone()}
+        return {"theta": self.theta.clone(), "momentum": self.momentum.clone(), "clock": self.clock.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """Resume at `step`, where the checkpoint left every site holding θ."""
         self.theta = state["theta"].to(self.theta.device)
         self.momentum = state["momentum"].to(self.theta.device)
+        if "clock" in state:  # (checkpoints before sync_by have none: their clock counted steps, which needs none)
+            self.clock.load_state_dict(state["clock"])
+        self.exchanged_at = [step] * len(self.fragments)
 
 
 def theta_digest(theta: torch.Tensor) -> float:

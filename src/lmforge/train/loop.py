@@ -95,6 +95,7 @@ class Counters:
     energy_j: float = 0.0
     comm_bytes: int = 0  # DiLoCo: bytes this site's rank 0 sent to the other sites
     comm_seconds: float = 0.0  # DiLoCo: time in outer exchanges (part of train_seconds)
+    outer_steps: int = 0  # DiLoCo: outer updates made (one per fragment exchanged)
 
 
 class SiteWork:
@@ -303,7 +304,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             torch.cuda.set_rng_state(ckpt.train_state["rng"]["cuda"], runtime.device)
     diloco = None
     if cfg.sites.count > 1:
-        if t.checkpoint_every % cfg.sites.sync_every:
+        if cfg.sites.sync_by == "steps" and t.checkpoint_every % cfg.sites.sync_every:
             raise ConfigError(f"--train.checkpoint_every {t.checkpoint_every} must be a multiple of "
                               f"--sites.sync_every {cfg.sites.sync_every}: checkpoints follow an outer step")
         if elastic:  # each site its own job: the world is this site; the sites meet at the store
@@ -315,7 +316,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
             membership = None
         diloco = DiLoCo(model, cfg.sites, world, cross_group, membership)
         if resume:
-            diloco.load_state_dict(ckpt.train_state["diloco"])
+            diloco.load_state_dict(ckpt.train_state["diloco"], counters.step)
     parallel_model = model if fsdp else wrap_data_parallel(model, world, 1 if elastic else cfg.sites.count,
                                                            site_group if diloco else None)
     # DDP all-reduces gradients on the last micro-batch only (FSDP reduce-scatters every one)
@@ -367,8 +368,8 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     def save(counters: Counters) -> Path | None:
         """Rank 0 writes the checkpoint; every rank calls this at the same step (energy is summed over ranks)."""
         counters.energy_j = start_energy + world.total(energy.joules())
-        if diloco is not None:
-            count_exchanges(diloco.finish_pending())
+        if diloco is not None and not diloco.in_sync(counters.step):  # (then the sites hold θ, which is saved)
+            count_exchanges(diloco.sync_all(counters.step, (site_tokens, energy.joules() * world.world_size)))
         if fsdp:  # gathered from every rank's shards (a collective)
             model_state, optimizer_states = full_state(model, optimizers)
             optimizer_key = "optimizers_by_name"
@@ -405,6 +406,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     def count_exchanges(outer: list) -> None:
         counters.comm_bytes += sum(o.bytes_sent for o in outer)
         counters.comm_seconds += sum(o.waited for o in outer)
+        counters.outer_steps += len(outer)
         for o in outer:
             if o.sites:
                 membership_changed(o)
@@ -432,8 +434,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
 
     def sync_sites() -> None:
         """Every site to the global weights (unless they are there already): what is saved at the end."""
-        if diloco is not None and (counters.step % cfg.sites.sync_every or diloco.pending or
-                                   len(diloco.fragments) > 1):
+        if diloco is not None and not diloco.in_sync(counters.step):
             count_exchanges(diloco.sync_all(counters.step, (site_tokens, energy.joules() * world.world_size)))
         if elastic and keeper:
             membership.close(timeout_s=cfg.sites.drop_after + 60)
@@ -485,7 +486,7 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
                                    f"--train.lr / --train.matrix_lr or raise --train.warmup_steps, then resume")
             counters.step += 1
             site_tokens += tokens_per_step // cfg.sites.count if elastic else 0
-            outer = diloco.after_step(counters.step, (site_tokens, energy.joules() * world.world_size)) \
+            outer = diloco.after_step(counters.step, (site_tokens, energy.joules() * world.world_size), mult) \
                 if diloco is not None else []
             # 4. counters and metrics
             step_seconds = time.perf_counter() - step_start
@@ -550,7 +551,8 @@ def _train(cfg: RunConfig, workspace: Workspace, resume: bool, reporter: Reporte
     }
     if diloco is not None:
         compute = counters.train_seconds - counters.comm_seconds
-        summary |= {"sites": cfg.sites.count, "sync_every": cfg.sites.sync_every, "wire": cfg.sites.wire,
+        summary |= {"sites": cfg.sites.count, "sync_every": cfg.sites.sync_every, "sync_by": cfg.sites.sync_by,
+                    "outer_steps": counters.outer_steps, "wire": cfg.sites.wire,
                     "link": cfg.sites.link, "tokens_per_site": counters.tokens // cfg.sites.count,
                     "comm_bytes_per_site": counters.comm_bytes,
                     "comm_seconds": counters.comm_seconds,
