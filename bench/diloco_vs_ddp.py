@@ -9,8 +9,8 @@ Two sites of one process each train the same model on the same tokens (the stdli
 DiLoCo setting (an outer exchange every H steps in the wire precision). --lr is both the AdamW and the Muon learning
 rate, the same for DDP and every site; --outer-lr and --outer-momentum set DiLoCo's outer Nesterov SGD (1.0 and 0
 = plain averaging); --sync-by lr spaces DiLoCo's exchanges by the learning rate (H steps apart at its peak,
-farther apart in warm-up and decay: --sites.sync_by). Validation always reads the same 320 sequences. Every run goes to the ledger in the workspace,
-named by the settings that differ from the defaults.
+farther apart in warm-up and decay: --sites.sync_by). Validation always reads the same 320 sequences. Every run
+goes to the ledger in the workspace, named by the settings that differ from the defaults.
 
 Wall time per link is computed, not run: the measured compute time of the run (its training time minus its time
 in exchanges) plus the link model's time for every exchange the run made (dist/link.py: ring all-reduce for DDP
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lmforge.dist.link import PRESETS, all_reduce_bytes_sent
 from lmforge.meter.ledger import Ledger
+from lmforge.train.schedule import SYNC_BY
 
 SITES = 2
 DATA = ["--data.source", "stdlib", "--data.val_fraction", "0.01", "--tokenizer.vocab_size", "4096"]
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
-    parser.add_argument("--sync-by", choices=("steps", "lr"), default="steps",
+    parser.add_argument("--sync-by", choices=SYNC_BY, default="steps",
                         help="DiLoCo's exchanges every H steps, or every H steps' worth of learning rate")
     parser.add_argument("--seeds", default="1337", help="comma-separated; with several, every run is repeated per "
                         "seed and the bpb gaps are averaged")

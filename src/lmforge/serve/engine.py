@@ -426,6 +426,13 @@ class DecodeGraphs:
                 self._inputs[0, :batch].copy_(self._ahead[k, :batch])
                 self._inputs[1, :batch] += 1
 
+    def _replay(self, batch: int, length: int, steps: int) -> None:
+        graph = self.graphs.get((batch, length, steps))
+        if graph is not None:
+            graph.replay()
+        else:  # not captured (a CPU): the same steps, eagerly
+            self._run(batch, length, steps)
+
     def _load(self, tokens: list[int], positions: list[int]) -> None:
         B = len(tokens)
         self._host_rows[0, :B] = tokens
@@ -439,11 +446,7 @@ class DecodeGraphs:
         B = len(tokens)
         b, n = self.bucket(B, max(positions))
         self._load(tokens, positions)
-        graph = self.graphs.get((b, n, 1))
-        if graph is not None:
-            graph.replay()
-        else:  # not captured (a CPU): the same step, eagerly
-            self._run(b, n, 1)
+        self._replay(b, n, 1)
         return self._logits[:B], self._argmax[:B]
 
     def ahead(self, tokens: list[int], positions: list[int]) -> list[list[int]]:
@@ -452,11 +455,7 @@ class DecodeGraphs:
         B = len(tokens)
         b, n = self.bucket(B, max(positions) + self.steps - 1)
         self._load(tokens, positions)
-        graph = self.graphs.get((b, n, self.steps))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._run(b, n, self.steps)
+        self._replay(b, n, self.steps)
         return self._ahead[:, :B].tolist()
 
 

@@ -15,8 +15,8 @@ and every site continues from the new θ. With --sites.sync_by lr, the exchanges
 one after every H steps' worth of it, so H steps apart at the peak and farther apart in warm-up and decay
 (SyncClock in train/schedule.py). Only rank j of each site talks to rank j of the others (one cross-site
 group per j), and each such transfer is delayed to what the configured link would take (DelayedCollectives in
-dist/link.py), so a run on one machine shows the wall time of the real link. The bytes each rank sends and the seconds it spends in the outer
-exchange are counted for the ledger.
+dist/link.py), so a run on one machine shows the wall time of the real link. The bytes each rank sends and the
+seconds it spends in the outer exchange are counted for the ledger.
 
 Fault tolerance (--sites.drop_after S > 0): each site is its own job, and dist/quorum.py decides, exchange by
 exchange, which sites take part: a site silent for S seconds is dropped from the exchange and the others go on
@@ -27,9 +27,9 @@ the leader's θ, outer momentum and step instead: that is how a site rejoins. Pl
 overlap).
 
 A checkpoint holds the global weights: where it does not fall on an exchange of the whole model (streaming,
-overlap, sync_by lr), the fragments not exchanged at its step are exchanged first. It keeps θ, the outer momentum, the sync clock, site 0's
-weights and site 0's inner optimizer state, which every site resumes from; only the other sites' inner optimizer
-states are lost.
+overlap, sync_by lr), the fragments not exchanged at its step are exchanged first. It keeps θ, the outer momentum,
+the sync clock, site 0's weights and site 0's inner optimizer state, which every site resumes from; only the other
+sites' inner optimizer states are lost.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ class DiLoCo:
 
     Streaming (`fragments` F > 1): the parameters are cut into F fragments of about equal size, and fragment f is
     exchanged at steps s with s % H == f * H // F (by steps; by lr, the same offsets in summed learning rate), so
-    each exchange carries 1/F of the model and the link is busy more evenly. Overlap (`overlap_steps` τ > 0): an exchange is started, the site keeps training, and only τ
-    steps later is the outer step applied, keeping the progress the site made meanwhile:
-    θ_site ← θ_new + (θ_site_now - θ_site_when_sent). With τ = 0 and F = 1 this is plain DiLoCo.
+    each exchange carries 1/F of the model and the link is busy more evenly. Overlap (`overlap_steps` τ > 0): an
+    exchange is started, the site keeps training, and only τ steps later is the outer step applied, keeping the
+    progress the site made meanwhile: θ_site ← θ_new + (θ_site_now - θ_site_when_sent). With τ = 0 and F = 1 this
+    is plain DiLoCo.
     """
 
     def __init__(self, model: nn.Module, cfg: SitesConfig, world: World, cross_group: object,
