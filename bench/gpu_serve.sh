@@ -19,8 +19,9 @@ failed=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
-if ! python3 -c 'import fastapi, uvicorn, httpx' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-cache-dir --find-links .whl fastapi uvicorn httpx || exit 1
+if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-cache-dir --find-links .whl fastapi uvicorn httpx uvloop httptools \
+        || exit 1
 fi
 
 echo "== the decode step alone (bench/decode_step.py)"

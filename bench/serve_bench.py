@@ -5,6 +5,7 @@ Starts `lmforge serve` on a checkpoint as a subprocess and drives it over HTTP w
   batch 1: --repeats requests, one at a time;
   concurrent: --concurrency clients (asyncio + httpx) that send --back-to-back requests each, the next as soon as
   one ends, so that --concurrency requests are in flight until the last ones end; continuous batching does the rest.
+  On a GPU these clients run in --client-processes processes (default 4), as one would be slower than the server.
 HF LlamaForCausalLM / Qwen3ForCausalLM holding the same weights (renamed 1:1; its logits are checked against ours
 first) runs `generate` in this process on the same prompts, at batch 1 and at batch --concurrency, in the same
 dtype (fp32 on CPU, bf16 on CUDA). Both use torch's default thread count. With --engine, the engine is also timed
@@ -30,6 +31,7 @@ CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the c
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -325,6 +327,59 @@ async def all_at_once(client: HTTPClient | EngineClient, prompts: list[str], max
     return [t for ts in await asyncio.gather(*(client_loop(p) for p in prompts)) for t in ts]
 
 
+class ClientProcesses:
+    """The concurrent rows' clients spread over several processes, each an asyncio loop with httpx and its share of
+    the connections. One such process needs about 1.2-1.5 ms of CPU per streamed request (measured on the CPU
+    machine), so it tops out near 700-800 requests/s: below what the server answers on a GPU, where a single
+    client process would time itself rather than the server."""
+
+    def __init__(self, url: str, model: str, connections: int, processes: int):
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+        self.pipes, self.processes = [], []
+        for i in range(processes):
+            ours, theirs = spawn.Pipe()
+            share = connections // processes + (i < connections % processes)
+            process = spawn.Process(target=client_process, args=(theirs, url, model, share), daemon=True)
+            process.start()
+            self.pipes.append(ours)
+            self.processes.append(process)
+
+    async def all_at_once(self, prompts: list[str], max_tokens: int, back_to_back: int = 1) -> list[Timing]:
+        """As all_at_once: prompt i goes to process i mod P, and all processes start together."""
+        P = len(self.pipes)
+        for i, pipe in enumerate(self.pipes):
+            pipe.send((prompts[i::P], max_tokens, back_to_back))
+        timings = []
+        for pipe in self.pipes:
+            result = await asyncio.to_thread(pipe.recv)
+            if isinstance(result, str):
+                raise LmforgeError(result)
+            timings += [Timing(*fields) for fields in result]
+        return timings
+
+    async def close(self) -> None:
+        for pipe, process in zip(self.pipes, self.processes):
+            pipe.send(None)
+            process.join(timeout=10)
+
+
+def client_process(pipe, url: str, model: str, connections: int) -> None:
+    """A ClientProcesses worker: runs each job (prompts, max_tokens, back_to_back) it is sent, answering with plain
+    tuples (a class pickled in a spawned process names a module its parent lacks) or an error message."""
+    async def jobs() -> None:
+        client = HTTPClient(url, model, connections)
+        try:
+            while (job := pipe.recv()) is not None:
+                try:
+                    timings = await all_at_once(client, *job)
+                    pipe.send([(t.start, t.token_times, t.tokens, t.text) for t in timings])
+                except LmforgeError as e:
+                    pipe.send(str(e))
+        finally:
+            await client.close()
+    asyncio.run(jobs())
+
+
 # ---- Hugging Face generate -----------------------------------------------------------------------------------
 
 class TokenClock(BaseStreamer):
@@ -367,7 +422,16 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
     if engine is not None:
         rows += [Row("engine batch 1 (no HTTP)"), Row(f"engine {C} concurrent (no HTTP)")]
     clients = [HTTPClient(server.url, server.model_id(), C)] + ([EngineClient(engine)] if engine else [])
+    spread = ClientProcesses(server.url, server.model_id(), C, args.client_processes) \
+        if args.client_processes > 1 else None
+
+    async def concurrent_http(max_tokens: int, back_to_back: int = 1) -> list[Timing]:
+        if spread is not None:
+            return await spread.all_at_once(prompts, max_tokens, back_to_back)
+        return await all_at_once(clients[0], prompts, max_tokens, back_to_back)
+
     try:
+        await concurrent_http(min(M, WARMUP_TOKENS))
         for client in clients:
             await one_at_a_time(client, single[:1], M)
             await all_at_once(client, prompts, min(M, WARMUP_TOKENS))
@@ -377,7 +441,7 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
         for _ in range(args.rounds):
             rows[0].add_sequential(await one_at_a_time(clients[0], single, M))
             rows[1].add_sequential([hf_generate(hf, prompt_ids[i : i + 1], M, tokenizer) for i in range(len(single))])
-            rows[2].add_together(await all_at_once(clients[0], prompts, M, args.back_to_back), C * args.back_to_back)
+            rows[2].add_together(await concurrent_http(M, args.back_to_back), C * args.back_to_back)
             rows[3].add_together([hf_generate(hf, prompt_ids, M, tokenizer)], C)
             if engine is not None:
                 rows[4].add_sequential(await one_at_a_time(clients[1], single, M))
@@ -385,6 +449,8 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
                                      C * args.back_to_back)
     finally:
         await clients[0].close()
+        if spread is not None:
+            await spread.close()
     return rows
 
 
@@ -424,13 +490,23 @@ def main() -> None:
                         help="torch.compile lmforge's decode step (as `lmforge serve --compile`)")
     parser.add_argument("--decode-steps", type=int, default=16, metavar="K",
                         help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
+    parser.add_argument("--client-processes", type=int, metavar="P",
+                        help="processes the concurrent rows' HTTP clients are spread over (default: 1 on a CPU, "
+                        "where they share its cores with the server; 4 on a GPU, where one process would be "
+                        "the bottleneck)")
     args = parser.parse_args()
+    if args.client_processes is None:
+        args.client_processes = 4 if args.device == "cuda" else 1
     if args.ckpt is None:
         raise LmforgeError("no checkpoint: pass --ckpt RUN|PATH; `make demo` trains one into "
                            "lmforge-work/runs/stdlib-d2-<date>-<time>")
-    for name in ("concurrency", "max_tokens", "prompt_tokens", "repeats", "rounds", "back_to_back"):
+    for name in ("concurrency", "max_tokens", "prompt_tokens", "repeats", "rounds", "back_to_back",
+                 "client_processes"):
         if getattr(args, name) < 1:
             raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.client_processes > args.concurrency:
+        raise LmforgeError(f"--client-processes {args.client_processes} exceeds --concurrency {args.concurrency}; "
+                           f"each process needs at least one of the concurrent requests")
     if args.repeats > args.concurrency:
         raise LmforgeError(f"--repeats {args.repeats} exceeds --concurrency {args.concurrency}, which sets how many "
                            f"prompts there are; lower --repeats")
@@ -476,7 +552,8 @@ def main() -> None:
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")
-    print(f"{args.concurrency} concurrent ({args.back_to_back} requests each in turn), prompts of "
+    print(f"{args.concurrency} concurrent ({args.back_to_back} requests each in turn, clients in "
+          f"{args.client_processes} process{'es' if args.client_processes > 1 else ''}), prompts of "
           f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens "
           f"(greedy, ignore_eos); batch 1: {args.repeats} requests in turn; {args.rounds} rounds, medians")
     print(f"HF {type(hf).__name__}: logits within {logit_diff:.1e} of ours; greedy text equal to lmforge's on "

@@ -305,7 +305,7 @@ class Sequence:
     """One choice of one request, living in a KV-cache row while it runs."""
     request: Request
     index: int
-    generator: torch.Generator
+    generator: torch.Generator | None  # sampled sequences' own RNG; greedy ones draw nothing
     decoder: Any  # the tokenizer's incremental UTF-8 decoder
     cached: int = 0  # positions of this row filled in the KV cache
     last_token: int = -1  # sampled, not yet fed to the model
@@ -802,8 +802,10 @@ class Engine:
             request.admitted, request.open_choices = now, request.params.n
             for index in range(request.params.n):
                 seed = request.params.seed
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(secrets.randbits(63) if seed is None else (seed + index) % 2**63)
+                generator = None
+                if request.params.temperature >= GREEDY_BELOW:  # (an unseeded one reads the OS's entropy)
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(secrets.randbits(63) if seed is None else (seed + index) % 2**63)
                 rail = OutputRail(self.guard) if self.guard is not None else None
                 admitted.append(Sequence(request, index, generator, self.tokenizer.decode_stream(), rail=rail))
         self._waiting = kept
