@@ -5,7 +5,8 @@ Starts `lmforge serve` on a checkpoint as a subprocess and drives it over HTTP w
   batch 1: --repeats requests, one at a time;
   concurrent: --concurrency clients (asyncio + httpx) that send --back-to-back requests each, the next as soon as
   one ends, so that --concurrency requests are in flight until the last ones end; continuous batching does the rest.
-  On a GPU these clients run in --client-processes processes (default 4), as one would be slower than the server.
+  On a GPU these clients run in --client-processes processes (default 4): one tops out below the request rate that
+  5x HF means there.
 HF LlamaForCausalLM / Qwen3ForCausalLM holding the same weights (renamed 1:1; its logits are checked against ours
 first) runs `generate` in this process on the same prompts, at batch 1 and at batch --concurrency, in the same
 dtype (fp32 on CPU, bf16 on CUDA). Both use torch's default thread count. With --engine, the engine is also timed
@@ -19,7 +20,8 @@ holds up to K tokens), both pooled over the rounds.
 tok/s and req/s are medians over the rounds: tok/s is the decode rate in the batch-1 rows (tokens after the first
 / time after the first) and all output tokens / wall time in the concurrent rows; "vs HF" compares tok/s with
 the HF row of the same batch. The targets: batch-1 decode >= 2x HF and 32-concurrent output >= 3x HF batch-32 on a
-CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the client in this process.
+CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the client (in this process,
+or in --client-processes processes).
 
     python bench/serve_bench.py --ckpt RUN|PATH                     # 32 concurrent, 32-token prompts, 64 new tokens
     python bench/serve_bench.py --ckpt RUN --concurrency 8 --max-tokens 128 --engine
@@ -33,6 +35,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -329,18 +333,21 @@ async def all_at_once(client: HTTPClient | EngineClient, prompts: list[str], max
 
 class ClientProcesses:
     """The concurrent rows' clients spread over several processes, each an asyncio loop with httpx and its share of
-    the connections. One such process needs about 1.2-1.5 ms of CPU per streamed request (measured on the CPU
-    machine), so it tops out near 700-800 requests/s: below what the server answers on a GPU, where a single
-    client process would time itself rather than the server."""
+    the connections. One such process needs 1.1-1.6 ms of CPU per streamed request (measured on the CPU machine),
+    so it tops out near 600-900 requests/s: below the 550-1,000 requests/s that 5x HF's batch-32 rate means on a
+    GPU. Each process's timings are taken with time.perf_counter, a system-wide monotonic clock on Linux, so one
+    wall time spans them all."""
 
     def __init__(self, url: str, model: str, connections: int, processes: int):
         spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-        self.pipes, self.processes = [], []
+        self.pipes: list[Connection] = []
+        self.processes = []
         for i in range(processes):
             ours, theirs = spawn.Pipe()
             share = connections // processes + (i < connections % processes)
             process = spawn.Process(target=client_process, args=(theirs, url, model, share), daemon=True)
             process.start()
+            theirs.close()  # the child's end lives in the child: its exit then reads as EOF here
             self.pipes.append(ours)
             self.processes.append(process)
 
@@ -350,22 +357,34 @@ class ClientProcesses:
         for i, pipe in enumerate(self.pipes):
             pipe.send((prompts[i::P], max_tokens, back_to_back))
         timings = []
-        for pipe in self.pipes:
-            result = await asyncio.to_thread(pipe.recv)
+        for i, pipe in enumerate(self.pipes):
+            try:
+                result = await asyncio.to_thread(pipe.recv)
+            except EOFError:
+                raise LmforgeError(f"client process {i} exited (exit code {self.processes[i].exitcode}); its "
+                                   f"error is above") from None
             if isinstance(result, str):
-                raise LmforgeError(result)
+                raise LmforgeError(f"client process {i}: {result}")
             timings += [Timing(*fields) for fields in result]
         return timings
 
     async def close(self) -> None:
-        for pipe, process in zip(self.pipes, self.processes):
-            pipe.send(None)
-            process.join(timeout=10)
+        for pipe in self.pipes:
+            try:
+                pipe.send(None)
+            except OSError:  # that process has gone already
+                pass
+        for process in self.processes:
+            await asyncio.to_thread(process.join, 10)
+            if process.is_alive():
+                process.terminate()
 
 
-def client_process(pipe, url: str, model: str, connections: int) -> None:
+def client_process(pipe: Connection, url: str, model: str, connections: int) -> None:
     """A ClientProcesses worker: runs each job (prompts, max_tokens, back_to_back) it is sent, answering with plain
-    tuples (a class pickled in a spawned process names a module its parent lacks) or an error message."""
+    tuples (a class pickled in a spawned process names a module its parent lacks) or a one-line error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the children
+
     async def jobs() -> None:
         client = HTTPClient(url, model, connections)
         try:
@@ -373,8 +392,8 @@ def client_process(pipe, url: str, model: str, connections: int) -> None:
                 try:
                     timings = await all_at_once(client, *job)
                     pipe.send([(t.start, t.token_times, t.tokens, t.text) for t in timings])
-                except LmforgeError as e:
-                    pipe.send(str(e))
+                except Exception as e:  # a refused or dropped connection, an error from the server
+                    pipe.send(f"{type(e).__name__}: {e}")
         finally:
             await client.close()
     asyncio.run(jobs())
@@ -422,8 +441,7 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
     if engine is not None:
         rows += [Row("engine batch 1 (no HTTP)"), Row(f"engine {C} concurrent (no HTTP)")]
     clients = [HTTPClient(server.url, server.model_id(), C)] + ([EngineClient(engine)] if engine else [])
-    spread = ClientProcesses(server.url, server.model_id(), C, args.client_processes) \
-        if args.client_processes > 1 else None
+    spread: ClientProcesses | None = None
 
     async def concurrent_http(max_tokens: int, back_to_back: int = 1) -> list[Timing]:
         if spread is not None:
@@ -431,8 +449,11 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
         return await all_at_once(clients[0], prompts, max_tokens, back_to_back)
 
     try:
+        if args.client_processes > 1:
+            spread = ClientProcesses(server.url, server.model_id(), C, args.client_processes)
+        await one_at_a_time(clients[0], single[:1], M)
         await concurrent_http(min(M, WARMUP_TOKENS))
-        for client in clients:
+        for client in clients[1:]:
             await one_at_a_time(client, single[:1], M)
             await all_at_once(client, prompts, min(M, WARMUP_TOKENS))
         hf_generate(hf, prompt_ids[:1], M, tokenizer)
@@ -492,11 +513,11 @@ def main() -> None:
                         help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
     parser.add_argument("--client-processes", type=int, metavar="P",
                         help="processes the concurrent rows' HTTP clients are spread over (default: 1 on a CPU, "
-                        "where they share its cores with the server; 4 on a GPU, where one process would be "
-                        "the bottleneck)")
+                        "where they share its cores with the server; on a GPU 4, as one tops out below the "
+                        "request rate 5x HF means)")
     args = parser.parse_args()
     if args.client_processes is None:
-        args.client_processes = 4 if args.device == "cuda" else 1
+        args.client_processes = min(4, args.concurrency) if args.device == "cuda" else 1
     if args.ckpt is None:
         raise LmforgeError("no checkpoint: pass --ckpt RUN|PATH; `make demo` trains one into "
                            "lmforge-work/runs/stdlib-d2-<date>-<time>")

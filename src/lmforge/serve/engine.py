@@ -803,7 +803,7 @@ class Engine:
             for index in range(request.params.n):
                 seed = request.params.seed
                 generator = None
-                if request.params.temperature >= GREEDY_BELOW:  # (an unseeded one reads the OS's entropy)
+                if request.params.temperature >= GREEDY_BELOW:  # greedy never draws (and `secrets` is a syscall)
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(secrets.randbits(63) if seed is None else (seed + index) % 2**63)
                 rail = OutputRail(self.guard) if self.guard is not None else None
