@@ -28,9 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lmforge.config import SYNC_BY
 from lmforge.dist.link import PRESETS, all_reduce_bytes_sent
 from lmforge.meter.ledger import Ledger
-from lmforge.train.schedule import SYNC_BY
 
 SITES = 2
 DATA = ["--data.source", "stdlib", "--data.val_fraction", "0.01", "--tokenizer.vocab_size", "4096"]

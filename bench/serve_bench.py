@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -391,7 +391,7 @@ def client_process(pipe: Connection, url: str, model: str, connections: int) -> 
             while (job := pipe.recv()) is not None:
                 try:
                     timings = await all_at_once(client, *job)
-                    pipe.send([(t.start, t.token_times, t.tokens, t.text) for t in timings])
+                    pipe.send([astuple(t) for t in timings])
                 except Exception as e:  # a refused or dropped connection, an error from the server
                     pipe.send(f"{type(e).__name__}: {e}")
         finally:

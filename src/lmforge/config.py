@@ -164,6 +164,9 @@ class MeterConfig:
     )
 
 
+SYNC_BY = ("steps", "lr")  # SitesConfig.sync_by's choices (train/schedule.py's SyncClock)
+
+
 @dataclass
 class SitesConfig:
     count: int = option(
@@ -176,7 +179,7 @@ class SitesConfig:
         "steps", "When the outer steps come: 'steps' every sync_every steps (DiLoCo's); 'lr' after every "
         "sync_every steps' worth of learning rate, so sync_every steps apart at the peak rate and farther apart in "
         "warm-up and decay, where the sites drift less per step, and the same bytes buy more exchanges at the peak.",
-        choices=("steps", "lr"),
+        choices=SYNC_BY,
     )
     outer_lr: float = option(0.7, "Outer learning rate (Nesterov SGD on the averaged pseudo-gradient; DiLoCo's 0.7).")
     outer_momentum: float = option(0.9, "Outer Nesterov momentum (DiLoCo's 0.9).")

@@ -9,12 +9,11 @@ import json
 from rich.table import Table
 
 from lmforge.cli.common import add_config_arguments, config_from_args, duration, human, out, workspace_of
-from lmforge.config import RunConfig
+from lmforge.config import SYNC_BY, RunConfig
 from lmforge.dist.link import PRESETS, SPEC_FORMS, Link, parse_link, seconds_text
 from lmforge.dist.plan import DEFAULT_MFU, DEFAULT_SYNC_EVERY, WIRES, LinkPlan, StrategyPlan, plan_link
 from lmforge.errors import ConfigError
 from lmforge.meter.hardware import profile_names, resolve_profile
-from lmforge.train.schedule import SYNC_BY
 
 HELP = "predict comm time, wall time and utilisation of a run across sites over a link (DDP vs DiLoCo)"
 DESCRIPTION = f"""\

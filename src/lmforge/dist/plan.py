@@ -19,11 +19,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmforge.config import RunConfig
+from lmforge.config import SYNC_BY, RunConfig
 from lmforge.dist.link import Link, all_reduce_bytes_sent
 from lmforge.errors import ConfigError
 from lmforge.model.sizing import count_params, flops_per_token, shape_from_depth
-from lmforge.train.schedule import SYNC_BY, exchanges_in_run
+from lmforge.train.schedule import exchanges_in_run
 
 WIRES = ("fp32", "bf16", "int8", "nf4")
 INT8_BLOCK = 256  # elements sharing one fp32 scale: 4 / 256 = 1.6% overhead on the 1 byte per element
