@@ -63,7 +63,7 @@ def main() -> None:
     loaded = load_model(ckpt, str(device))
     model, vocab = loaded.model.eval(), loaded.tokenizer.vocab_size
     if device.type == "cuda":
-        model.to(torch.bfloat16)
+        model.to(torch.bfloat16).fuse_projections()  # as the engine does
     if not 0 <= args.position < model.shape.max_seq_len - args.decode_steps:
         raise LmforgeError(f"--position must leave --decode-steps positions in the context of "
                            f"{model.shape.max_seq_len}")
@@ -99,11 +99,11 @@ def main() -> None:
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             total = sum(e.device_time for e in kernels)
             print(f"\none compiled step at batch 1: {len(kernels)} kernels and copies, {total:.1f} us on the device")
-            by_name: dict[str, float] = {}
+            by_name: dict[str, list[float]] = {}
             for e in kernels:
-                by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
-            for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
-                print(f"{us:>8.1f} us  {name[:100]}")
+                by_name.setdefault(e.name, []).append(e.device_time)
+            for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]:
+                print(f"{sum(times):>8.1f} us {len(times):>3}x  {name[:100]}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,25 @@ def test_ragged_rows_in_one_cache_match_each_sequence_alone(qk_norm):
     assert cache.k[:, 3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_fused_projections_compute_the_same(n_kv_head):
+    # serving fuses q/k/v and gate/up into one matmul each: the same logits, full and decoding, same parameters
+    model = tiny_model(n_kv_head=n_kv_head)
+    fused = tiny_model(n_kv_head=n_kv_head).fuse_projections()
+    assert fused.blocks[0].attn.q_proj is None and fused.blocks[0].mlp.up_proj is None
+    assert fused.num_params() == model.num_params()
+    idx = torch.randint(0, 97, (3, 12))
+    assert torch.allclose(fused(idx), model(idx), atol=1e-5)
+    caches = [m.new_kv_cache(batch_size=3) for m in (model, fused)]
+    start = torch.tensor([0, 4, 7])
+    for m, cache in zip((model, fused), caches):
+        cache.attend_len = 8
+        m(idx[:, :8], kv_cache=cache, start_pos=torch.zeros(3, dtype=torch.long))
+        cache.commit(torch.zeros(3, dtype=torch.long))
+    steps = [m(idx[:, 8:9], kv_cache=cache, start_pos=start) for m, cache in zip((model, fused), caches)]
+    assert torch.allclose(steps[1], steps[0], atol=1e-5)
+
+
 def test_tied_embeddings_share_storage():
     model = tiny_model(tie_embeddings=True)
     assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()

@@ -24,7 +24,8 @@ q/k permutation because the rotary embedding uses HF's rotate-half layout:
     norm.weight                               -> model.norm.weight
     lm_head.weight                            -> lm_head.weight  (the embedding itself when tied)
 q/k/v and gate/up stay separate matmuls, as in HF: fusing each into one wide matmul measured no faster on a 2-core
-CPU (torch 2.13, eager and compiled), and the split it needs costs a copy in backward.
+CPU (torch 2.13, eager and compiled), and the split it needs costs a copy in backward. Serving, where a decode step
+is a few dozen tiny kernels, fuses them after loading (`Transformer.fuse_projections`).
 
 Shape letters: B batch, T time (new tokens), S attended positions (cache), C d_model, H query heads,
 K key/value heads, D head_dim, F d_ff, V vocab.
@@ -186,13 +187,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(shape.n_head * shape.head_dim, shape.d_model, bias=False)
         self.q_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None  # q_proj, k_proj and v_proj as one, after fuse_projections()
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one qkv_proj holding their weights stacked (for inference)."""
+        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        self.qkv_proj = nn.Linear(q.size(1), q.size(0) + 2 * k.size(0), bias=False, device=q.device, dtype=q.dtype)
+        self.qkv_proj.weight.copy_(torch.cat((q, k, v)))
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_width = self.n_kv_head * self.head_dim
+            q, k, v = self.qkv_proj(x).split((self.n_head * self.head_dim, kv_width, kv_width), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, start_pos, positions), rotary(k, start_pos, positions)
@@ -242,9 +257,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
         self.up_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
         self.down_proj = nn.Linear(shape.d_ff, shape.d_model, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # gate_proj and up_proj as one, after fuse_projections()
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one gate_up_proj holding their weights stacked (for inference)."""
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        self.gate_up_proj = nn.Linear(gate.size(1), 2 * gate.size(0), bias=False, device=gate.device, dtype=gate.dtype)
+        self.gate_up_proj.weight.copy_(torch.cat((gate, up)))
+        self.gate_proj = self.up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) inside
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # (B, T, F) inside
 
 
 class Block(nn.Module):
@@ -298,6 +326,16 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """Parameters in the module (a tied embedding counted once); equals sizing.count_params(shape)["total"]."""
         return sum(p.numel() for p in self.parameters())
+
+    def fuse_projections(self) -> "Transformer":
+        """For inference: q/k/v and gate/up each as one matmul, the same arithmetic in fewer, wider kernels. A
+        decode step on a GPU is a few dozen kernels of a few microseconds each, so every one fewer counts. The
+        separate layers go: call it after any change of device or dtype, and do not train or save the result (its
+        state_dict no longer matches a checkpoint's)."""
+        for block in self.blocks:
+            block.attn.fuse_projections()
+            block.mlp.fuse_projections()
+        return self
 
     def new_kv_cache(
         self,
