@@ -509,6 +509,8 @@ def main() -> None:
                         help="lmforge's decode step as CUDA graphs on a GPU (as `lmforge serve --cuda-graphs`)")
     parser.add_argument("--compile", choices=["on", "off"], default="on",
                         help="torch.compile lmforge's decode step (as `lmforge serve --compile`)")
+    parser.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto",
+                        help="lmforge's engine in a process of its own (as `lmforge serve --engine-process`)")
     parser.add_argument("--decode-steps", type=int, default=16, metavar="K",
                         help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
     parser.add_argument("--client-processes", type=int, metavar="P",
@@ -558,7 +560,8 @@ def main() -> None:
         engine.warm_up()
         engine.start()
     try:
-        options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps)]
+        options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps),
+                   "--engine-process", args.engine_process]
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
             rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer))
     finally:
@@ -569,7 +572,7 @@ def main() -> None:
     same = sum(ours.text == theirs.text for ours, theirs in zip(ours_1.timings, hf_1.timings))
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     graphs = f", CUDA graphs {args.cuda_graphs}" if device.type == "cuda" else ""
-    graphs += f", compile {'on' if compile_on else 'off'}, decode steps {steps}"
+    graphs += f", compile {'on' if compile_on else 'off'}, decode steps {steps}, engine process {args.engine_process}"
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")

@@ -529,13 +529,17 @@ def serve_process(workspace: Path, *args: str) -> Iterator[tuple[str, str, dict]
         yield re.search(r"at (http://\S+/v1)", line).group(1), line, ended
 
 
-def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
-    """`lmforge serve` for real: answers, stops on SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run."""
+@pytest.mark.parametrize("engine_process", ["off", "on"])
+def test_serve_cli_records_a_ledger_run(trained_run, tmp_path, engine_process):
+    """`lmforge serve` for real: answers, stops on SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run;
+    with the engine in its own process, that process writes the request rows the summary counts."""
     workspace = trained_run[0]
     keys = tmp_path / "keys.txt"
     keys.write_text("secret-key\n")
-    with serve_process(workspace, "--api-key-file", str(keys), "--max-concurrency", "2") as (base, line, ended):
+    with serve_process(workspace, "--api-key-file", str(keys), "--max-concurrency", "2",
+                       "--engine-process", engine_process) as (base, line, ended):
         assert "context 64, 2 slots" in line and "energy:" in line
+        assert ("engine in process" in line) == (engine_process == "on")
         client = openai.OpenAI(base_url=base, api_key="secret-key", max_retries=0)
         response = client.completions.create(model="tiny", prompt="def", max_tokens=3, temperature=0)
         assert response.usage.completion_tokens == 3
@@ -546,3 +550,4 @@ def test_serve_cli_records_a_ledger_run(trained_run, tmp_path):
     assert run["status"] == "completed" and run["name"].startswith("serve-tiny-")
     assert run["summary"]["requests"] == 1 and run["summary"]["completion_tokens"] == 3
     assert run["config"]["max_concurrency"] == 2 and "secret-key" not in json.dumps(run["config"])
+    assert run["config"]["engine_process"] == (engine_process == "on")

@@ -228,15 +228,25 @@ class LoadedModel:
     chat_template: str
 
 
+def load_tokenizer(path: Path) -> tuple[Tokenizer, str]:
+    """A checkpoint's tokenizer and chat template, verified, without its weights."""
+    files = read_meta(path)["files"]
+    try:
+        _read_verified(path, TOKENIZER, files[TOKENIZER])
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {META} lacks an entry for {e}") from None
+    chat = files.get(CHAT_TEMPLATE_FILE)  # checkpoints from before chat templates use the default
+    template = _read_verified(path, CHAT_TEMPLATE_FILE, chat).decode() if chat else DEFAULT_CHAT_TEMPLATE
+    return Tokenizer.load(path), template
+
+
 def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     """A verified checkpoint as an eval-mode model with its tokenizer and config, ready for inference."""
     ckpt = load_checkpoint(path, with_train_state=False)
-    _read_verified(path, TOKENIZER, ckpt.meta["files"][TOKENIZER])
+    tokenizer, template = load_tokenizer(path)
     config = config_from_dict(yaml.safe_load(ckpt.config))
     shape = TransformerShape(**ckpt.meta["shape"])
     model = Transformer(shape)
     model.load_state_dict(ckpt.model_state)
     model.to(device).eval()
-    chat = ckpt.meta["files"].get(CHAT_TEMPLATE_FILE)  # checkpoints from before chat templates use the default
-    template = _read_verified(path, CHAT_TEMPLATE_FILE, chat).decode() if chat else DEFAULT_CHAT_TEMPLATE
-    return LoadedModel(model, Tokenizer.load(path), config, path, ckpt.step, template)
+    return LoadedModel(model, tokenizer, config, path, ckpt.step, template)

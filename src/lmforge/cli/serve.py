@@ -23,6 +23,7 @@ from lmforge.meter.hardware import default_carbon_g_per_kwh, describe_machine
 from lmforge.meter.ledger import Ledger
 from lmforge.serve.app import create_app
 from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.serve.engine_process import EngineProcess
 from lmforge.train.runtime import resolve_device
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming)"
@@ -82,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "one wait for the device and one burst of events per K tokens, while every running request is "
                    "greedy without penalties or logprobs; new requests and cancellations wait for the burst "
                    "(default 16; 1 = one token per step)")
+    p.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                   help="run the engine in a process of its own, apart from the HTTP server, so that their Python "
+                   "does not take turns under one GIL (as vLLM's engine core); auto = on with a GPU, off on a CPU, "
+                   "whose cores the two processes would share anyway (default auto)")
     p.add_argument("--model-name", metavar="NAME", help="the model name clients send (default: the run name)")
     p.add_argument("--guard", metavar="POLICY", help="guard rails on input and output: a policy YAML file, or "
                    "'builtin' for the shipped default (default: no guard)")
@@ -155,7 +160,7 @@ def check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
-def stop_on_signals(engine: Engine) -> dict:
+def stop_on_signals(engine: Engine | EngineProcess) -> dict:
     """Ctrl-C and SIGTERM (docker stop, systemd) end the engine's loop between steps, so nothing is cut half-way
     (a ledger write, a step); a second Ctrl-C interrupts at once. Returns the handlers to restore."""
     def stop(signum: int, frame) -> None:
@@ -164,7 +169,7 @@ def stop_on_signals(engine: Engine) -> dict:
     return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def summarize(ledger: Ledger, run_id: int, engine: Engine | None, wall_seconds: float) -> dict:
+def summarize(ledger: Ledger, run_id: int, engine: Engine | EngineProcess | None, wall_seconds: float) -> dict:
     """The serve run's totals, from its request rows in the ledger; cost and CO2 of the device time requests used."""
     rows = ledger.get_requests(run_id)
     s = {"requests": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
     api_keys = read_api_keys(args.api_key_file) if args.api_key_file is not None else None
     guard = load_guard(args.guard) if args.guard is not None else None
+    own_process = args.engine_process == "on" or (args.engine_process == "auto" and device.startswith("cuda"))
     workspace = workspace_of(args)
     path = resolve_checkpoint(args.ckpt, workspace.runs_dir)
     model = args.model_name or read_config(path).name or path.parent.parent.name  # the run name
@@ -205,33 +211,45 @@ def run(args: argparse.Namespace) -> int:
                   "max_queue": args.max_queue, "queue_timeout": args.queue_timeout, "kv_cache_mb": args.kv_cache_mb,
                   "max_body_mb": args.max_body_mb, "device": args.device, "compile": compile_on,
                   "cuda_graphs": args.cuda_graphs == "on", "decode_steps": config.decode_steps,
-                  "guard": None if guard is None else guard.policy.source}
+                  "guard": None if guard is None else guard.policy.source, "engine_process": own_process}
     run_id = ledger.start_run(f"serve-{model}-{time.strftime('%Y%m%d-%H%M%S')}", "serve", run_config,
                               {**describe_machine(), "device": device}, str(path))
-    engine: Engine | None = None
+    engine: Engine | EngineProcess | None = None
     status, error, started = "completed", None, time.monotonic()
+    host = f"[{args.host}]" if ":" in args.host else args.host
     try:
-        if config.cuda_graphs and device.startswith("cuda"):  # the engine captures them as it starts
-            err.print(f"capturing the decode step{' (compiled)' if compile_on else ''} as CUDA graphs ...", end=" ")
-        engine = Engine.from_checkpoint(path, config, model_id=model, ledger=ledger, run_id=run_id, guard=guard)
-        if engine.decode_graphs is not None:
-            err.print(f"{len(engine.decode_graphs.graphs)} graphs in {engine.graph_seconds:.1f} s")
-        elif compile_on:
-            err.print("compiling the decode step ...", end=" ")
-            err.print(f"{engine.warm_up():.0f} s")
+        if own_process:
+            engine = EngineProcess(path, config, model_id=model, ledger_path=workspace.ledger_path, run_id=run_id,
+                                   guard=guard,
+                                   on_start=lambda doing: err.print(f"{doing} ...", end=" "))
+            if engine.info["graphs"]:
+                err.print(f"{engine.info['graphs']} graphs in {engine.info['graph_seconds']:.1f} s")
+            elif compile_on:
+                err.print(f"{engine.info['compile_seconds']:.0f} s")
+        else:
+            if config.cuda_graphs and device.startswith("cuda"):  # the engine captures them as it starts
+                err.print(f"capturing the decode step{' (compiled)' if compile_on else ''} as CUDA graphs ...",
+                          end=" ")
+            engine = Engine.from_checkpoint(path, config, model_id=model, ledger=ledger, run_id=run_id, guard=guard)
+            if engine.decode_graphs is not None:
+                err.print(f"{len(engine.decode_graphs.graphs)} graphs in {engine.graph_seconds:.1f} s")
+            elif compile_on:
+                err.print("compiling the decode step ...", end=" ")
+                err.print(f"{engine.warm_up():.0f} s")
         app = create_app(engine, api_keys=api_keys, max_body_bytes=int(args.max_body_mb * 2**20))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-        # HTTP in a side thread, the engine in this main thread (where torch's CPU kernels run fastest)
+        # HTTP in a side thread; this main thread runs the engine (where torch's CPU kernels run fastest) or, with
+        # the engine in its own process, watches it
         http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmforge-http", daemon=True)
         http.start()
         while not server.started and http.is_alive():
             time.sleep(0.01)
         if not http.is_alive():
             raise LmforgeError(f"the HTTP server did not start on {args.host}:{port}")
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        err.print(f"serving {model} (context {engine.context_len}, {engine.slots} slots) at http://{host}:{port}/v1"
-                  f" | energy: {engine.energy_label}", soft_wrap=True, markup=False)
+        where = f", engine in process {engine.pid}" if own_process else ""
+        err.print(f"serving {model} (context {engine.context_len}, {engine.slots} slots{where}) at "
+                  f"http://{host}:{port}/v1 | energy: {engine.energy_label}", soft_wrap=True, markup=False)
         previous = stop_on_signals(engine)
         try:
             engine.run()  # until Ctrl-C or SIGTERM

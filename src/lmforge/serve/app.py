@@ -189,7 +189,9 @@ def create_app(engine: Engine, *, api_keys: set[str] | None = None, max_body_byt
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(engine.metrics.render(), headers={"Content-Type": engine.metrics.content_type})
+        # off the event loop: with the engine in its own process, rendering asks it for its share
+        body = await run_in_threadpool(engine.metrics.render)
+        return Response(body, headers={"Content-Type": engine.metrics.content_type})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

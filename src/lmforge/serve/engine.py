@@ -45,6 +45,7 @@ import torch
 
 from lmforge.checkpoint import LoadedModel, load_model
 from lmforge.data.chat import END_OF_TURN, render_chat
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.guard.guard import Guard, Verdict
 from lmforge.guard.rails import OutputRail, audit_rows, screen_input
@@ -200,6 +201,10 @@ class Result:
     finish_reasons: list[str | None]
     usage: Usage
     guard: list[Verdict | None] = field(default_factory=list)  # per choice: the output rail's verdict
+
+
+def new_request_id(counter: itertools.count) -> str:
+    return f"req-{next(counter)}-{secrets.token_hex(4)}"
 
 
 def _put_all(items: list[tuple[RequestHandle, Event]]) -> None:
@@ -459,7 +464,102 @@ class DecodeGraphs:
         return self._ahead[:, :B].tolist()
 
 
-class Engine:
+class RequestChecker:
+    """The request side of an engine, with no model: a prompt (text, ids or chat messages) to token ids through
+    the input rail, and the checks a request passes before it is queued. The Engine is one; so is its stand-in in
+    the HTTP process when the engine runs in a process of its own (engine_process.py)."""
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, guard: Guard | None, metrics: ServeMetrics,
+                 context_len: int, slots: int):
+        self.tokenizer, self.chat_template, self.guard, self.metrics = tokenizer, chat_template, guard, metrics
+        self.context_len, self.slots = context_len, slots
+        # a chat turn ends at <|end|> (imported tokenizers may lack it: then at the end-of-text token alone)
+        end_of_turn = tokenizer.special_ids.get(END_OF_TURN)
+        self.chat_stop_token_ids = () if end_of_turn is None else (end_of_turn,)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for chat messages ([{"role", "content"}]) under the checkpoint's chat template."""
+        try:
+            return render_chat(self.chat_template, messages, self.tokenizer)
+        except jinja2.TemplateError as e:
+            raise InvalidRequest(f"cannot apply the chat template to these messages: {e}") from None
+
+    def prepare(self, prompt: str | list[int] | None = None, *,
+                messages: list[dict[str, str]] | None = None) -> Prompt:
+        """The token ids of a prompt (text or ids) or of chat messages, after the input rail when there is a guard.
+
+        No model compute, and safe from any thread; with a guard it takes milliseconds (the semantic classifier),
+        so a server calls it off its event loop. A chat is checked message by message and redacted inside each
+        message's content, so roles and template stay intact.
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("prepare takes a prompt or messages, not both")
+        if self.guard is None:  # `check` (in submit) validates the ids
+            if messages is not None:
+                return Prompt(self.render_chat(messages))
+            return Prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        if messages is not None:
+            screened = screen_input(self.guard, [m["content"] for m in messages])
+            ids = self.render_chat([dict(m, content=text) for m, text in zip(messages, screened.texts)])
+        else:
+            if isinstance(prompt, list):  # before decoding them for the guard
+                self._check_token_ids(prompt)
+            screened = screen_input(self.guard, [prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)])
+            redacted = screened.verdict.action == "redact"
+            ids = self.tokenizer.encode(screened.texts[0]) if isinstance(prompt, str) or redacted else list(prompt)
+        v = screened.verdict
+        self._count_guard("input", v.action, v.findings, v.seconds)
+        return Prompt(ids, v, v.text)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.tokenizer.vocab_size):
+            raise InvalidRequest(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1}")
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest naming what is wrong with the request, before it is queued."""
+        p = params
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty; send at least one character or token")
+        if len(prompt_ids) > self.context_len:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                 f"{self.context_len}; shorten the prompt")
+        self._check_token_ids(prompt_ids)
+        if p.max_tokens is not None:
+            if p.max_tokens < 0:
+                raise InvalidRequest(f"max_tokens must be >= 0, got {p.max_tokens}")
+            if p.max_tokens == 0 and not p.echo:
+                raise InvalidRequest("max_tokens 0 generates nothing; it is only useful with echo")
+            if len(prompt_ids) + p.max_tokens > self.context_len:
+                raise InvalidRequest(
+                    f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the model's "
+                    f"context of {self.context_len} tokens; ask for at most {self.context_len - len(prompt_ids)}")
+        if not (math.isfinite(p.temperature) and 0 <= p.temperature <= MAX_TEMPERATURE):
+            raise InvalidRequest(f"temperature must lie in 0..{MAX_TEMPERATURE:g} (0 = greedy), got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must lie in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(p, name) <= 2:
+                raise InvalidRequest(f"{name} must lie in -2..2, got {getattr(p, name)}")
+        if len(p.stop) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in p.stop):
+            raise InvalidRequest(f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                                 f"characters each")
+        if not 1 <= p.n <= self.slots:
+            raise InvalidRequest(f"n must lie in 1..{self.slots} (this server's sequence slots), got {p.n}")
+        if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+            raise InvalidRequest(f"logprobs must lie in 0..20, got {p.logprobs}")
+        if p.echo and p.n > 1:
+            raise InvalidRequest("echo with n > 1 is not supported; send n = 1")
+
+    def _count_guard(self, direction: str, action: str, findings, seconds: float) -> None:
+        self.metrics.guard_checks.labels(direction, action).inc()
+        self.metrics.guard_seconds.labels(direction).observe(seconds)
+        for f in findings:
+            self.metrics.guard_findings.labels(direction, f.category, f.action).inc()
+
+
+class Engine(RequestChecker):
     """Continuous batching over one model; thread-safe `submit`, one worker thread."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, *, model_id: str | None = None,
@@ -469,36 +569,30 @@ class Engine:
         self.config = config
         self.loaded = loaded
         self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
         self.model_id = model_id or loaded.config.name or loaded.path.parent.parent.name
         self.created = int(time.time())
         self.shape = self.model.shape
-        self.context_len = self.shape.max_seq_len
         self.device = self.model.embed.weight.device
         self.dtype = torch.bfloat16 if self.device.type == "cuda" and config.dtype in ("auto", "bf16") else \
             torch.float32
         if self.dtype != self.model.embed.weight.dtype:
             self.model.to(self.dtype)
-        self.chat_template = loaded.chat_template
-        self.metrics = metrics or ServeMetrics()
-        self.ledger, self.run_id = ledger, run_id
-        self.guard = guard
-        self.eos_id = self.tokenizer.eot_id
-        # a chat turn ends at <|end|> (imported tokenizers may lack it: then at the end-of-text token alone)
-        end_of_turn = self.tokenizer.special_ids.get(END_OF_TURN)
-        self.chat_stop_token_ids = () if end_of_turn is None else (end_of_turn,)
-        # an imported model may have more embedding rows than its tokenizer has tokens (padding): never sampled
-        self.vocab = self.tokenizer.vocab_size
-
-        row_bytes = 2 * self.shape.n_layer * self.shape.n_kv_head * self.context_len * self.shape.head_dim * \
+        if self.device.type == "cuda":  # q/k/v and gate/up as one matmul each: 3 kernels fewer per layer and step
+            self.model.fuse_projections()  # (on a CPU, no faster: bench/RESULTS.md, serving)
+        context_len = self.shape.max_seq_len
+        row_bytes = 2 * self.shape.n_layer * self.shape.n_kv_head * context_len * self.shape.head_dim * \
             (2 if self.dtype == torch.bfloat16 else 4)
         rows = config.max_concurrency
         if config.kv_cache_mb:
             rows = min(rows, int(config.kv_cache_mb * 2**20 // row_bytes))
             if rows < 1:
                 raise LmforgeError(f"--kv-cache-mb {config.kv_cache_mb} is less than one sequence's KV cache "
-                                   f"({row_bytes / 2**20:.2f} MB at context {self.context_len}); raise it")
-        self.slots = rows
+                                   f"({row_bytes / 2**20:.2f} MB at context {context_len}); raise it")
+        super().__init__(loaded.tokenizer, loaded.chat_template, guard, metrics or ServeMetrics(), context_len, rows)
+        self.ledger, self.run_id = ledger, run_id
+        self.eos_id = self.tokenizer.eot_id
+        # an imported model may have more embedding rows than its tokenizer has tokens (padding): never sampled
+        self.vocab = self.tokenizer.vocab_size
         self.kv_cache_bytes = rows * row_bytes
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
         # compile may trace the decode step: batch size and cached length vary, so with dynamic shapes
@@ -524,6 +618,8 @@ class Engine:
         self._finished_rows: collections.deque[dict[str, Any]] = collections.deque()
         self._audit_rows: collections.deque[dict[str, Any]] = collections.deque()  # guard findings
         self._outbox: list[tuple[Request, Event]] = []  # events of the current step, delivered at its end
+        # where set, takes each step's events (request id, event) in place of the handles (engine_process.py)
+        self.forward_events: Callable[[list[tuple[str, Event]]], None] | None = None
         self._wake = threading.Condition()
         self._stop = False
         self._ids = itertools.count()
@@ -602,82 +698,8 @@ class Engine:
             self._thread.join()
         self._flush_ledger()
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt token ids for chat messages ([{"role", "content"}]) under the checkpoint's chat template."""
-        try:
-            return render_chat(self.chat_template, messages, self.tokenizer)
-        except jinja2.TemplateError as e:
-            raise InvalidRequest(f"cannot apply the chat template to these messages: {e}") from None
-
-    def prepare(self, prompt: str | list[int] | None = None, *,
-                messages: list[dict[str, str]] | None = None) -> Prompt:
-        """The token ids of a prompt (text or ids) or of chat messages, after the input rail when there is a guard.
-
-        No model compute, and safe from any thread; with a guard it takes milliseconds (the semantic classifier),
-        so a server calls it off its event loop. A chat is checked message by message and redacted inside each
-        message's content, so roles and template stay intact.
-        """
-        if (prompt is None) == (messages is None):
-            raise ValueError("prepare takes a prompt or messages, not both")
-        if self.guard is None:  # `check` (in submit) validates the ids
-            if messages is not None:
-                return Prompt(self.render_chat(messages))
-            return Prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
-        if messages is not None:
-            screened = screen_input(self.guard, [m["content"] for m in messages])
-            ids = self.render_chat([dict(m, content=text) for m, text in zip(messages, screened.texts)])
-        else:
-            if isinstance(prompt, list):  # before decoding them for the guard
-                self._check_token_ids(prompt)
-            screened = screen_input(self.guard, [prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)])
-            redacted = screened.verdict.action == "redact"
-            ids = self.tokenizer.encode(screened.texts[0]) if isinstance(prompt, str) or redacted else list(prompt)
-        v = screened.verdict
-        self._count_guard("input", v.action, v.findings, v.seconds)
-        return Prompt(ids, v, v.text)
-
-    def _check_token_ids(self, ids: list[int]) -> None:
-        if ids and (min(ids) < 0 or max(ids) >= self.tokenizer.vocab_size):
-            raise InvalidRequest(f"token ids must lie in 0..{self.tokenizer.vocab_size - 1}")
-
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequest naming what is wrong with the request, before it is queued."""
-        p = params
-        if not prompt_ids:
-            raise InvalidRequest("the prompt is empty; send at least one character or token")
-        if len(prompt_ids) > self.context_len:
-            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
-                                 f"{self.context_len}; shorten the prompt")
-        self._check_token_ids(prompt_ids)
-        if p.max_tokens is not None:
-            if p.max_tokens < 0:
-                raise InvalidRequest(f"max_tokens must be >= 0, got {p.max_tokens}")
-            if p.max_tokens == 0 and not p.echo:
-                raise InvalidRequest("max_tokens 0 generates nothing; it is only useful with echo")
-            if len(prompt_ids) + p.max_tokens > self.context_len:
-                raise InvalidRequest(
-                    f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({p.max_tokens}) exceeds the model's "
-                    f"context of {self.context_len} tokens; ask for at most {self.context_len - len(prompt_ids)}")
-        if not (math.isfinite(p.temperature) and 0 <= p.temperature <= MAX_TEMPERATURE):
-            raise InvalidRequest(f"temperature must lie in 0..{MAX_TEMPERATURE:g} (0 = greedy), got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise InvalidRequest(f"top_p must lie in (0, 1], got {p.top_p}")
-        if p.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {p.top_k}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(p, name) <= 2:
-                raise InvalidRequest(f"{name} must lie in -2..2, got {getattr(p, name)}")
-        if len(p.stop) > MAX_STOPS or any(not 0 < len(stop) <= MAX_STOP_CHARS for stop in p.stop):
-            raise InvalidRequest(f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
-                                 f"characters each")
-        if not 1 <= p.n <= self.slots:
-            raise InvalidRequest(f"n must lie in 1..{self.slots} (this server's sequence slots), got {p.n}")
-        if p.logprobs is not None and not 0 <= p.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must lie in 0..20, got {p.logprobs}")
-        if p.echo and p.n > 1:
-            raise InvalidRequest("echo with n > 1 is not supported; send n = 1")
-
-    def submit(self, prompt: str | list[int] | Prompt, params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt: str | list[int] | Prompt, params: SamplingParams, *,
+               request_id: str | None = None) -> RequestHandle:
         """Queue a request; its events arrive on the handle. Raises InvalidRequest or Overloaded.
 
         A prompt the input rail blocked is answered at once with the refusal and never queued."""
@@ -686,7 +708,7 @@ class Engine:
         self.check(prompt.ids, params)
         if self._thread is not None and not self.alive and not self._stop:
             raise LmforgeError(f"the engine is not running (last error: {self.error})")
-        request = Request(f"req-{next(self._ids)}-{secrets.token_hex(4)}", prompt.ids, params, time.monotonic(),
+        request = Request(request_id or new_request_id(self._ids), prompt.ids, params, time.monotonic(),
                           prompt.verdict)
         try:
             loop = asyncio.get_running_loop()
@@ -720,12 +742,6 @@ class Engine:
         events.append(Finished(self._usage(request, time.monotonic())))
         for event in events:
             request.handle._put(event)
-
-    def _count_guard(self, direction: str, action: str, findings, seconds: float) -> None:
-        self.metrics.guard_checks.labels(direction, action).inc()
-        self.metrics.guard_seconds.labels(direction).observe(seconds)
-        for f in findings:
-            self.metrics.guard_findings.labels(direction, f.category, f.action).inc()
 
     def generate(self, prompt: str | list[int] | Prompt, params: SamplingParams,
                  timeout: float | None = None) -> Result:
@@ -1162,6 +1178,10 @@ class Engine:
 
     def _deliver(self) -> None:
         """Hand this step's events to their callers: one wake-up per event loop per step, not one per token."""
+        if self.forward_events is not None:
+            self.forward_events([(request.id, event) for request, event in self._outbox])
+            self._outbox.clear()
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
         for request, event in self._outbox:
             handle = request.handle

@@ -2,9 +2,14 @@
 
 The engine observes tokens, latencies, queue depth, running sequences, energy and guard verdicts; the HTTP layer
 counts requests by route and status. `GET /metrics` renders `ServeMetrics.render()` in the Prometheus text format.
+When the engine runs in a process of its own, each process keeps a ServeMetrics and the HTTP process's renders
+the two added together (`remote`).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +19,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -51,5 +61,36 @@ class ServeMetrics:
         self.guard_seconds = Histogram("lmforge_guard_seconds", "Time per guard check", ["direction"],
                                        buckets=LATENCY_BUCKETS, registry=r)
 
+        self.remote: Callable[[], list[Metric]] | None = None  # another process's families, added in
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.remote is None:
+            return generate_latest(self.registry)
+        try:
+            theirs = self.remote()
+        except LmforgeError as e:  # the other process is gone or stuck: this one's share is what there is
+            log.warning("metrics: %s", e)
+            return generate_latest(self.registry)
+        return generate_latest(Sum(self.registry.collect(), theirs))
+
+
+class Sum:
+    """Two processes' families of the same metrics as one collector: samples added (a `_created` time: the
+    earlier). Each side observes its own share, so the sums are the server's totals."""
+
+    def __init__(self, ours: Iterable[Metric], theirs: Iterable[Metric]):
+        self.ours, self.theirs = list(ours), {family.name: family for family in theirs}
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.ours:
+            other = self.theirs.get(family.name)
+            samples = {}
+            for s in family.samples + (other.samples if other is not None else []):
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key in samples:
+                    old = samples[key].value
+                    s = s._replace(value=min(old, s.value) if s.name.endswith("_created") else old + s.value)
+                samples[key] = s
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples = list(samples.values())
+            yield merged
