@@ -21,7 +21,8 @@ tok/s and req/s are medians over the rounds: tok/s is the decode rate in the bat
 / time after the first) and all output tokens / wall time in the concurrent rows; "vs HF" compares tok/s with
 the HF row of the same batch. The targets: batch-1 decode >= 2x HF and 32-concurrent output >= 3x HF batch-32 on a
 CPU, >= 50x and >= 5x on a GPU. The lmforge numbers include HTTP, JSON and the client (in this process,
-or in --client-processes processes).
+or in --client-processes processes). Last, the CPU time the server's processes used in the concurrent rows, per
+request and as a share of one core: the HTTP process, and the engine process where it has one.
 
     python bench/serve_bench.py --ckpt RUN|PATH                     # 32 concurrent, 32-token prompts, 64 new tokens
     python bench/serve_bench.py --ckpt RUN --concurrency 8 --max-tokens 128 --engine
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import astuple, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -243,6 +245,70 @@ class Server:
         return httpx.get(f"{self.url}/v1/models", timeout=10.0).json()["data"][0]["id"]
 
 
+def process_tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of process `root` and of its descendants, by pid; from /proc, so empty
+    where there is none (not Linux)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents, seconds = {}, {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command: state, ppid, ..., utime, stime
+        except OSError:  # gone meanwhile
+            continue
+        pid = int(entry.name)
+        parents[pid], seconds[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = set(), [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in seconds and pid not in tree:
+            tree.add(pid)
+            frontier += [child for child, parent in parents.items() if parent == pid]
+    return {pid: seconds[pid] for pid in tree}
+
+
+class ServerCPU:
+    """How much CPU the server's processes use over the timed concurrent rows: the HTTP process (the server
+    itself), the engine process (its child, with --engine-process on) and the rest (compile workers, ...). One of
+    them at 100% of a core is what limits the row."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.seconds: dict[str, float] = {}
+        self.wall = 0.0
+        self.requests = 0
+
+    def label(self, pid: int) -> str:
+        if pid == self.pid:
+            return "HTTP process"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except OSError:
+            spawned = False
+        return "engine process" if spawned else "other"
+
+    async def measure(self, work: Awaitable[list[Timing]], requests: int) -> list[Timing]:
+        """Await `work` (a concurrent row's `requests` requests), counting the CPU the server used meanwhile."""
+        before, start = process_tree_cpu(self.pid), time.monotonic()
+        timings = await work
+        after, self.wall = process_tree_cpu(self.pid), self.wall + time.monotonic() - start
+        self.requests += requests
+        for pid, seconds in after.items():
+            label = self.label(pid)
+            self.seconds[label] = self.seconds.get(label, 0.0) + seconds - before.get(pid, 0.0)
+        return timings
+
+    def summary(self) -> str:
+        if not self.seconds or not self.requests:
+            return "server CPU: not measured (no /proc)"
+        parts = [f"{label} {seconds / self.requests * 1e3:.2f} ms per request ({seconds / self.wall:.0%} of a core)"
+                 for label, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]) if seconds > 0]
+        return "server CPU in the concurrent rows: " + ", ".join(parts)
+
+
 def check_tokens(timing: Timing, max_tokens: int) -> Timing:
     if timing.tokens != max_tokens or not timing.token_times:
         raise LmforgeError(f"lmforge returned {timing.tokens} tokens where {max_tokens} were asked for with "
@@ -431,7 +497,8 @@ def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, max_tokens: int, tokeniz
 # ---- the run -------------------------------------------------------------------------------------------------
 
 async def measure(args: argparse.Namespace, server: Server, engine: Engine | None, hf: torch.nn.Module,
-                  prompts: list[str], prompt_ids: torch.Tensor, tokenizer: Tokenizer) -> list[Row]:
+                  prompts: list[str], prompt_ids: torch.Tensor, tokenizer: Tokenizer,
+                  server_cpu: ServerCPU) -> list[Row]:
     """Warm up every implementation, then --rounds rounds of every row in turn. Rows: lmforge batch 1, HF batch 1,
     lmforge concurrent, HF batch C, then (with an engine) the engine's batch 1 and concurrent."""
     C, M = args.concurrency, args.max_tokens
@@ -462,7 +529,8 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
         for _ in range(args.rounds):
             rows[0].add_sequential(await one_at_a_time(clients[0], single, M))
             rows[1].add_sequential([hf_generate(hf, prompt_ids[i : i + 1], M, tokenizer) for i in range(len(single))])
-            rows[2].add_together(await concurrent_http(M, args.back_to_back), C * args.back_to_back)
+            rows[2].add_together(await server_cpu.measure(concurrent_http(M, args.back_to_back),
+                                                          C * args.back_to_back), C * args.back_to_back)
             rows[3].add_together([hf_generate(hf, prompt_ids, M, tokenizer)], C)
             if engine is not None:
                 rows[4].add_sequential(await one_at_a_time(clients[1], single, M))
@@ -563,7 +631,9 @@ def main() -> None:
         options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps),
                    "--engine-process", args.engine_process]
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
-            rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer))
+            server_cpu = ServerCPU(server.process.pid)
+            rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer,
+                                       server_cpu))
     finally:
         if engine is not None:
             engine.stop()
@@ -584,6 +654,7 @@ def main() -> None:
           f"{same}/{len(ours_1.timings)} batch-1 requests")
     print_table(rows, [hf_1, None, hf_c, None, hf_1, hf_c][: len(rows)])
     print("tok/s: decode (after the first token) in batch-1 rows, all output tokens / wall time in the others")
+    print(server_cpu.summary())
     target_1, target_c = TARGETS[device.type]
     for what, ours, theirs, target in (("batch-1 decode tok/s", ours_1, hf_1, target_1),
                                        (f"{args.concurrency}-concurrent output tok/s", ours_c, hf_c, target_c)):
