@@ -82,6 +82,7 @@ class Timing:
     token_times: list[float] = field(default_factory=list)
     tokens: int = 0  # output tokens (of all rows, for a batched generate)
     text: str = ""  # the (first row's) output text
+    engine_ttft: float | None = None  # lmforge: the engine's own TTFT (from usage), from arrival there, queue included
 
     @property
     def end(self) -> float:
@@ -361,6 +362,7 @@ class HTTPClient:
                     timing.text += text
                 if chunk.get("usage"):
                     timing.tokens = chunk["usage"]["completion_tokens"]
+                    timing.engine_ttft = chunk["usage"]["lmforge"]["time_to_first_token"]
         return check_tokens(timing, max_tokens)
 
 
@@ -379,6 +381,7 @@ class EngineClient:
                 timing.text += event.text
             elif isinstance(event, Finished):
                 timing.tokens = event.usage.completion_tokens
+                timing.engine_ttft = event.usage.time_to_first_token
             elif isinstance(event, Failed):
                 raise LmforgeError(f"the engine failed a request ({event.status}): {event.message}")
         return check_tokens(timing, max_tokens)
@@ -655,6 +658,10 @@ def main() -> None:
     print_table(rows, [hf_1, None, hf_c, None, hf_1, hf_c][: len(rows)])
     print("tok/s: decode (after the first token) in batch-1 rows, all output tokens / wall time in the others")
     print(server_cpu.summary())
+    inside = [f"{row.label} {percentile([t.engine_ttft * 1e3 for t in row.timings], 50):.1f}ms" for row in rows
+              if row.timings and all(t.engine_ttft is not None for t in row.timings)]
+    print(f"TTFT p50 inside the engine (from a request's arrival there; the rest is HTTP, the pipe and the client): "
+          f"{', '.join(inside)}")
     target_1, target_c = TARGETS[device.type]
     for what, ours, theirs, target in (("batch-1 decode tok/s", ours_1, hf_1, target_1),
                                        (f"{args.concurrency}-concurrent output tok/s", ours_c, hf_c, target_c)):
