@@ -126,6 +126,18 @@ def test_a_dead_engine_process_fails_its_requests_and_health(trained_run):
         engine.stop()
 
 
+def test_a_stuck_engine_process_is_killed_on_stop(trained_run):
+    engine = start(trained_run[0], max_concurrency=2)
+    handle = engine.submit("def", SamplingParams(max_tokens=56, temperature=0, ignore_eos=True))
+    os.kill(engine.pid, signal.SIGSTOP)  # a step that never ends
+    engine.stop(timeout=1)
+    assert not engine._process.is_alive()
+    events = list(handle.events(timeout=10))
+    assert isinstance(events[-1], Failed) and events[-1].status == 503
+    with pytest.raises(LmforgeError, match="not running"):
+        engine.submit("def", GREEDY)
+
+
 def test_a_failing_start_is_one_clear_error(trained_run):
     with pytest.raises(LmforgeError, match="--kv-cache-mb .* is less than one sequence's KV cache"):
         start(trained_run[0], kv_cache_mb=0.0001)

@@ -2,20 +2,22 @@
 
 Why: on a GPU at hundreds of requests a second, the HTTP layer's Python (routing, JSON, server-sent events) and the
 engine loop's Python (scheduling, detokenising, events) are each about a millisecond per request, and in one
-process they take turns under one GIL while the GPU waits. Here the engine runs in a child process's main thread,
-and the HTTP process keeps only the request side (`RequestChecker`: tokenising, the input rail, the checks that
-answer 400 at once) and a table of open requests.
+process they take turns under one GIL. Here the engine runs in a child process's main thread, and the HTTP process
+keeps only the request side (`RequestChecker`: tokenising, the input rail, the checks that answer 400 and 429 at
+once) and a table of open requests. (On an H100 this measured 3% faster at 32 concurrent: bench/RESULTS.md.)
 
-    HTTP process                                     engine process (spawned)
+    HTTP process (writer thread)                     engine process (spawned)
     EngineProcess.submit  --("submit", id, Prompt, SamplingParams)-->  Engine.submit
     RemoteHandle.cancel   --("cancel", id)------------------------->  RequestHandle.cancel
-    reader thread         <--("events", [(id, event), ...])--------  Engine._deliver, once per step
-    stats(), /metrics     --("call", n, name)  <--("reply", n, v)--  Engine.stats(), its metrics
+    reader thread         <--("events", [(id, event), ...], stats)-  Engine._deliver, once per step
+    /metrics              --("call", n, "metrics") <--("reply", n, families)--  the engine's ServeMetrics
 
-Both processes keep a ServeMetrics: the HTTP side counts requests by status and the input rail, the engine the
-rest, and /metrics renders their sum. The engine process writes its requests and guard findings to the ledger
-itself (SQLite in WAL mode takes writers from several processes). It ignores Ctrl-C: the HTTP process says when
-to stop, and a HTTP process that dies closes the pipe, which stops the engine too.
+Nothing in the HTTP process waits on the pipe: a writer thread sends what the event loop queues, and a reader
+thread receives. Both processes keep a ServeMetrics: the HTTP side counts requests by status and the input rail,
+the engine the rest, and /metrics renders their sum. The engine process writes its requests and guard findings to
+the ledger itself (SQLite in WAL mode takes writers from several processes). It ignores SIGINT and SIGTERM, which
+may be sent to the whole process group: the HTTP process says when to stop (and kills it if it does not), and a
+HTTP process that dies closes the pipe, which stops the engine too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -72,17 +75,14 @@ class RemoteHandle(RequestHandle):
         if self._request.cancelled or self.done or self.id not in self._engine._handles:  # over already
             return
         self._request.cancelled = True
-        try:
-            self._engine._send(("cancel", self.id))
-        except OSError:  # the engine process is gone: nothing left to cancel
-            pass
+        self._engine._send(("cancel", self.id))
 
 
 class EngineProcess(RequestChecker):
     """An Engine for the checkpoint at `path`, run in a spawned process; the same calls as Engine's for the HTTP
     layer (prepare, submit, stats, alive, error, metrics, model_id, ...). Starting it loads the model, captures
-    CUDA graphs or compiles there, and returns once the engine is ready; `stop()` ends it (and so does this
-    object's end, or the interpreter's)."""
+    CUDA graphs or compiles there, and returns once the engine is ready; `stop()` ends it (and so does the
+    interpreter's exit)."""
 
     def __init__(self, path: Path, config: EngineConfig, *, model_id: str, ledger_path: Path | None = None,
                  run_id: int | None = None, guard: Guard | None = None,
@@ -101,16 +101,13 @@ class EngineProcess(RequestChecker):
         self._process = context.Process(target=engine_main, args=(child_conn, spec), name="lmforge-engine")
         self._process.start()
         child_conn.close()
-        self._send_lock = threading.Lock()
-        # multiprocessing waits at exit for the engine process, which waits for the pipe to close: stop it first
-        self._finalizer = weakref.finalize(self, shut_down, self._process, self._conn, self._send_lock)
         self.error: str | None = None
         try:
             self.info = self._wait_ready(on_start)
         except BaseException:  # a failure or Ctrl-C while it loads: leave no engine behind
-            self._process.terminate()
+            self._process.kill()  # it ignores SIGTERM
             self._process.join(5)
-            self._finalizer()
+            self._conn.close()
             raise
         super().__init__(tokenizer, template, guard, ServeMetrics(), self.info["context_len"], self.info["slots"])
         self.model_id, self.created = model_id, self.info["created"]
@@ -121,12 +118,18 @@ class EngineProcess(RequestChecker):
         self._stats = {"running": 0, "waiting": 0, "slots": self.slots}  # as the engine sent them last
         self._stop_requested = False
         self._handles: dict[str, RemoteHandle] = {}  # open requests in arrival order; the reader drops ended ones
-        self._lock = threading.Lock()  # over _handles
+        self._closed = False  # the pipe has closed: open requests have been failed, and new ones are refused
+        self._lock = threading.Lock()  # over _handles, _closed and the calls waiting for a reply
         self._ids = itertools.count()
         self._calls = itertools.count()
         self._replies: dict[int, list] = {}  # call number -> [threading.Event, value]
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # what the writer thread sends
+        self._writer = threading.Thread(target=self._write, name="lmforge-engine-writer", daemon=True)
         self._reader = threading.Thread(target=self._read, name="lmforge-engine-reader", daemon=True)
+        self._writer.start()
         self._reader.start()
+        # multiprocessing waits at exit for the engine process, which waits for the pipe to close: stop it first
+        self._finalizer = weakref.finalize(self, shut_down, self._process, self._outbox)
 
     def _wait_ready(self, on_start: Callable[[str], None] | None) -> dict[str, Any]:
         """The engine's first messages: what it is doing ("starting"), then "ready" with its facts."""
@@ -165,18 +168,15 @@ class EngineProcess(RequestChecker):
             loop = None
         handle = request.handle = RemoteHandle(request, loop, self)
         with self._lock:
+            if self._closed:
+                raise LmforgeError(f"the engine process is not running ({self.error or 'stopped'})")
             waiting = self._waiting_requests()
             if waiting >= self.max_queue and not (prompt.verdict is not None and prompt.verdict.blocked):
                 self.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(f"the server is at capacity ({self.slots} running, {waiting} waiting); retry "
                                  f"shortly", retry_after=1)
             self._handles[request.id] = handle
-        try:
-            self._send(("submit", request.id, prompt, params))
-        except OSError:
-            with self._lock:
-                del self._handles[request.id]
-            raise LmforgeError(f"the engine process is not running ({self.error or 'stopped'})") from None
+        self._send(("submit", request.id, prompt, params))
         return handle
 
     def _waiting_requests(self) -> int:
@@ -220,24 +220,35 @@ class EngineProcess(RequestChecker):
     def request_stop(self) -> None:
         self._stop_requested = True
 
-    def stop(self) -> None:
-        """Stop the engine after its current step; it writes its last ledger rows and exits."""
-        self._finalizer()
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the engine after its current step; it writes its last ledger rows and exits (or, after `timeout`
+        seconds, is killed)."""
+        if self._finalizer.detach() is not None:  # not stopped yet
+            shut_down(self._process, self._outbox, timeout)
 
     # ---- the pipe ----------------------------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+        """Queue a message for the writer thread: never waits, whatever the pipe does."""
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        """The writer thread: sends the queued messages in order, until None or the pipe breaks."""
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except OSError:  # the engine process is gone: the reader fails what is open
+                return
 
     def _call(self, name: str) -> Any:
         number = next(self._calls)
-        reply = self._replies[number] = [threading.Event(), None]
+        reply = [threading.Event(), None]
+        with self._lock:  # the reader, as it ends, answers every call registered before it closed
+            if self._closed:
+                raise LmforgeError(f"the engine process is not running ({self.error or 'stopped'})")
+            self._replies[number] = reply
         try:
-            try:
-                self._send(("call", number, name))
-            except OSError:
-                raise LmforgeError(f"the engine process is not running ({self.error or 'stopped'})") from None
+            self._send(("call", number, name))
             if not reply[0].wait(CALL_TIMEOUT_S):
                 raise LmforgeError(f"the engine process did not answer {name!r} within {CALL_TIMEOUT_S:g} s")
             if reply[1] is None:
@@ -267,10 +278,13 @@ class EngineProcess(RequestChecker):
         finally:
             self.error = self.error or "the engine process stopped"
             with self._lock:
+                self._closed = True
                 open_ids = list(self._handles)
             self._dispatch([(rid, Failed(503, f"the engine stopped: {self.error}")) for rid in open_ids])
             for reply in list(self._replies.values()):
                 reply[0].set()  # with no value: the call raises
+            self._outbox.put(None)  # the writer's end
+            self._conn.close()
 
     def _dispatch(self, items: list[tuple[str, Event]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
@@ -293,20 +307,16 @@ class EngineProcess(RequestChecker):
                     handle.cancel()
 
 
-def shut_down(process: multiprocessing.Process, conn, send_lock: threading.Lock, timeout: float = 30.0) -> None:
-    """Ask the engine process to stop after its current step (it writes its last ledger rows), wait, close."""
+def shut_down(process: multiprocessing.Process, outbox: queue.SimpleQueue, timeout: float = 30.0) -> None:
+    """Ask the engine process to stop after its current step (it writes its last ledger rows) and wait; kill it
+    if it has not stopped within `timeout` (it ignores SIGTERM). Its pipe then closes, which ends the reader."""
     if process.is_alive():
-        try:
-            with send_lock:
-                conn.send(("stop",))
-        except OSError:
-            pass
+        outbox.put(("stop",))
         process.join(timeout)
         if process.is_alive():
-            log.warning("the engine process did not stop in %.0f s; terminating it", timeout)
-            process.terminate()
+            log.warning("the engine process did not stop in %.0f s; killing it", timeout)
+            process.kill()
             process.join(5)
-    conn.close()
 
 
 def engine_main(conn, spec: dict[str, Any]) -> None:
@@ -353,13 +363,14 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
             for rid, event in items:
                 if isinstance(event, (Finished, Failed)):
                     handles.pop(rid, None)
-        stats = engine.stats()
-        if items or stats != last_stats[0]:
-            last_stats[0] = stats
-            try:
-                send(("events", items, stats))
-            except OSError:  # the HTTP process is gone
-                engine.request_stop()
+        with send_lock:  # counts read and sent in one go: a later message never carries older counts
+            stats = engine.stats()
+            if items or stats != last_stats[0]:
+                last_stats[0] = stats
+                try:
+                    conn.send(("events", items, stats))
+                except OSError:  # the HTTP process is gone
+                    engine.request_stop()
 
     def submit(rid: str, prompt: Prompt, params: SamplingParams) -> None:
         with handles_lock:
