@@ -174,6 +174,15 @@ class KVCache:
         self.staged.clear()
 
 
+@torch.no_grad()
+def stacked(*layers: nn.Linear) -> nn.Linear:
+    """One bias-free Linear computing what `layers` compute on the same input, their outputs side by side."""
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of out_features, in_features)
+    fused = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight.copy_(weight)
+    return fused
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, rotary positions and optional QK-norm."""
 
@@ -189,12 +198,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else None
         self.qkv_proj: nn.Linear | None = None  # q_proj, k_proj and v_proj as one, after fuse_projections()
 
-    @torch.no_grad()
     def fuse_projections(self) -> None:
         """Replace q_proj, k_proj and v_proj by one qkv_proj holding their weights stacked (for inference)."""
-        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
-        self.qkv_proj = nn.Linear(q.size(1), q.size(0) + 2 * k.size(0), bias=False, device=q.device, dtype=q.dtype)
-        self.qkv_proj.weight.copy_(torch.cat((q, k, v)))
+        self.qkv_proj = stacked(self.q_proj, self.k_proj, self.v_proj)
         self.q_proj = self.k_proj = self.v_proj = None
 
     def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int, kv_cache: KVCache | None,
@@ -259,12 +265,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(shape.d_ff, shape.d_model, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # gate_proj and up_proj as one, after fuse_projections()
 
-    @torch.no_grad()
     def fuse_projections(self) -> None:
         """Replace gate_proj and up_proj by one gate_up_proj holding their weights stacked (for inference)."""
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        self.gate_up_proj = nn.Linear(gate.size(1), 2 * gate.size(0), bias=False, device=gate.device, dtype=gate.dtype)
-        self.gate_up_proj.weight.copy_(torch.cat((gate, up)))
+        self.gate_up_proj = stacked(self.gate_proj, self.up_proj)
         self.gate_proj = self.up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

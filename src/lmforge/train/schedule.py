@@ -21,7 +21,6 @@ def lr_multiplier(step: int, progress: float, *, warmup_steps: int, decay_frac: 
     return 1.0 - (1.0 - min_lr_frac) * into_decay
 
 
-
 class SyncClock:
     """Which fragments of the model DiLoCo's sites exchange after each step, for `fragments` F and H = `every`.
 
