@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -26,7 +27,7 @@ from lmforge.guard.guard import Guard
 from lmforge.meter.ledger import Ledger
 from lmforge.serve.app import create_app
 from lmforge.serve.engine import EngineConfig, Failed, Finished, Overloaded, SamplingParams
-from lmforge.serve.engine_process import EngineProcess
+from lmforge.serve.engine_process import EngineProcess, PipeWriter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -158,7 +159,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.serve.engine import EngineConfig, SamplingParams
-from lmforge.serve.engine_process import EngineProcess
+from lmforge.serve.engine_process import EngineProcess, PipeWriter
 
 if __name__ == "__main__":
     engine = EngineProcess(resolve_checkpoint("tiny", Path({str(trained_run[0] / "runs")!r})), EngineConfig(),
@@ -189,3 +190,28 @@ def test_guard_rails_on_both_sides_of_the_pipe(trained_run, tmp_path):
     statuses = sorted(r["status"] for r in ledger.get_requests(run_id))
     assert statuses == ["blocked:input", "blocked:output"]
     assert {e["direction"] for e in ledger.get_guard_events(run_id)} == {"input", "output"}
+
+
+def test_pipe_writer_never_waits_and_keeps_the_order():
+    """A pipe nobody reads fills after a few hundred kilobytes; sends still return at once, and what could not go
+    out then follows, in order, as the other end reads."""
+    ours, theirs = multiprocessing.Pipe()
+    writer = PipeWriter(ours)
+    messages = [("message", i, b"x" * 50_000) for i in range(100)]  # 5 MB
+    sent = threading.Event()
+
+    def send_all() -> None:
+        for message in messages:
+            writer.send(message)
+        sent.set()
+
+    threading.Thread(target=send_all, daemon=True).start()
+    assert sent.wait(30)  # every send returned while the other end had read nothing
+    assert [theirs.recv() for _ in messages] == messages
+    writer.send(("after the backlog",))
+    assert theirs.recv() == ("after the backlog",)
+    writer.close()
+    writer.send(("after close",))  # dropped, not raised
+    ours.close()
+    with pytest.raises(EOFError):
+        theirs.recv()

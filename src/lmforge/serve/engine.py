@@ -68,6 +68,7 @@ POWER_WINDOW_S = 0.1  # the energy counter is read at most this often
 # the shortest cached length a decode graph attends over: below this, attending to padding costs less than the
 # memory and capture time of more graphs (longer caches get graphs at double this, double again, ..., the context)
 GRAPH_MIN_ATTEND = 256
+IDLE_WAIT_S = 0.25  # an idle engine looks for a stop this often
 MAX_DECODE_STEPS = 64  # --decode-steps: more only delays admission and cancellation further
 
 
@@ -620,6 +621,9 @@ class Engine(RequestChecker):
         self._outbox: list[tuple[Request, Event]] = []  # events of the current step, delivered at its end
         # where set, takes each step's events (request id, event) in place of the handles (engine_process.py)
         self.forward_events: Callable[[list[tuple[str, Event]]], None] | None = None
+        # where set, the engine thread calls it between steps to take in requests (submit, cancel) that arrived
+        # meanwhile, waiting up to the given seconds for one when idle: no other thread then calls the engine
+        self.receive: Callable[[float], None] | None = None
         self._wake = threading.Condition()
         self._stop = False
         self._ids = itertools.count()
@@ -762,14 +766,17 @@ class Engine(RequestChecker):
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
+                busy = bool(self._waiting or self._running)
+                if self.receive is not None:  # requests come down a pipe, read here between steps
+                    self.receive(0.0 if busy else IDLE_WAIT_S)
                 with self._wake:
-                    while not self._stop and not self._waiting and not self._running:
-                        self._wake.wait(timeout=0.25)  # also notices request_stop() from a signal
-                        self._flush_ledger_if_due()
-                        self._power(restart=True)
+                    if not (busy or self._waiting or self._stop) and self.receive is None:
+                        self._wake.wait(timeout=IDLE_WAIT_S)  # also notices request_stop() from a signal
                     if self._stop:
                         return
                     admitted = self._admit()
+                if not busy:  # a new power window after idling: idle time never dilutes the busy power
+                    self._power(restart=True)
                 try:
                     self._step(admitted)
                 except Exception as e:  # a bug or a failing device: fail the requests in flight, keep serving

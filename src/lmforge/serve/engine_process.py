@@ -6,18 +6,21 @@ process they take turns under one GIL. Here the engine runs in a child process's
 keeps only the request side (`RequestChecker`: tokenising, the input rail, the checks that answer 400 and 429 at
 once) and a table of open requests. (On an H100 this measured 3% faster at 32 concurrent: bench/RESULTS.md.)
 
-    HTTP process (writer thread)                     engine process (spawned)
+    HTTP process                                     engine process (spawned; its loop reads between steps)
     EngineProcess.submit  --("submit", id, Prompt, SamplingParams)-->  Engine.submit
     RemoteHandle.cancel   --("cancel", id)------------------------->  RequestHandle.cancel
     reader thread         <--("events", [(id, event), ...], stats)-  Engine._deliver, once per step
     /metrics              --("call", n, "metrics") <--("reply", n, families)--  the engine's ServeMetrics
 
-Nothing in the HTTP process waits on the pipe: a writer thread sends what the event loop queues, and a reader
-thread receives. Both processes keep a ServeMetrics: the HTTP side counts requests by status and the input rail,
-the engine the rest, and /metrics renders their sum. The engine process writes its requests and guard findings to
-the ledger itself (SQLite in WAL mode takes writers from several processes). It ignores SIGINT and SIGTERM, which
-may be sent to the whole process group: the HTTP process says when to stop (and kills it if it does not), and a
-HTTP process that dies closes the pipe, which stops the engine too.
+Nothing in the HTTP process waits on the pipe: the event loop sends what the pipe takes at once, a writer thread
+the rest (PipeWriter), and a reader thread receives. The engine process has one thread: between two steps its
+loop takes in what the pipe holds (Engine.receive), so no thread takes the GIL from it mid-step.
+
+Both processes keep a ServeMetrics: the HTTP side counts requests by status and the input rail, the engine the
+rest, and /metrics renders their sum. The engine process writes its requests and guard findings to the ledger
+itself (SQLite in WAL mode takes writers from several processes). It ignores SIGINT and SIGTERM, which may be sent
+to the whole process group: the HTTP process says when to stop (and kills it if it does not), and a HTTP process
+that dies closes the pipe, which stops the engine too.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +69,7 @@ from lmforge.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 10.0  # /metrics asks the engine process for its share: it answers from a thread of its own
+CALL_TIMEOUT_S = 10.0  # /metrics asks the engine process for its share: it answers between two steps
 
 
 class RemoteHandle(RequestHandle):
@@ -123,13 +131,11 @@ class EngineProcess(RequestChecker):
         self._ids = itertools.count()
         self._calls = itertools.count()
         self._replies: dict[int, list] = {}  # call number -> [threading.Event, value]
-        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # what the writer thread sends
-        self._writer = threading.Thread(target=self._write, name="lmforge-engine-writer", daemon=True)
+        self._writer = PipeWriter(self._conn)
         self._reader = threading.Thread(target=self._read, name="lmforge-engine-reader", daemon=True)
-        self._writer.start()
         self._reader.start()
         # multiprocessing waits at exit for the engine process, which waits for the pipe to close: stop it first
-        self._finalizer = weakref.finalize(self, shut_down, self._process, self._outbox)
+        self._finalizer = weakref.finalize(self, shut_down, self._process, self._writer)
 
     def _wait_ready(self, on_start: Callable[[str], None] | None) -> dict[str, Any]:
         """The engine's first messages: what it is doing ("starting"), then "ready" with its facts."""
@@ -224,21 +230,12 @@ class EngineProcess(RequestChecker):
         """Stop the engine after its current step; it writes its last ledger rows and exits (or, after `timeout`
         seconds, is killed)."""
         if self._finalizer.detach() is not None:  # not stopped yet
-            shut_down(self._process, self._outbox, timeout)
+            shut_down(self._process, self._writer, timeout)
 
     # ---- the pipe ----------------------------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
-        """Queue a message for the writer thread: never waits, whatever the pipe does."""
-        self._outbox.put(message)
-
-    def _write(self) -> None:
-        """The writer thread: sends the queued messages in order, until None or the pipe breaks."""
-        while (message := self._outbox.get()) is not None:
-            try:
-                self._conn.send(message)
-            except OSError:  # the engine process is gone: the reader fails what is open
-                return
+        self._writer.send(message)
 
     def _call(self, name: str) -> Any:
         number = next(self._calls)
@@ -283,7 +280,7 @@ class EngineProcess(RequestChecker):
             self._dispatch([(rid, Failed(503, f"the engine stopped: {self.error}")) for rid in open_ids])
             for reply in list(self._replies.values()):
                 reply[0].set()  # with no value: the call raises
-            self._outbox.put(None)  # the writer's end
+            self._writer.close()
             self._conn.close()
 
     def _dispatch(self, items: list[tuple[str, Event]]) -> None:
@@ -307,11 +304,66 @@ class EngineProcess(RequestChecker):
                     handle.cancel()
 
 
-def shut_down(process: multiprocessing.Process, outbox: queue.SimpleQueue, timeout: float = 30.0) -> None:
+class PipeWriter:
+    """Sends messages down a multiprocessing pipe without ever waiting on it. A message the pipe takes whole at
+    once goes from the caller's thread, the event loop's: handing each request to a writer thread cost 1-3 ms
+    under load, the time that thread waited for the GIL. Whatever the pipe cannot take at once (the engine
+    process is slow to read, or stuck) waits in order for a thread of its own, so the event loop never blocks.
+    The bytes are framed as Connection.send frames them (multiprocessing keeps that format for compatibility), so
+    the other end reads them with Connection.recv."""
+
+    def __init__(self, conn: Connection):
+        self._socket = socket.socket(fileno=os.dup(conn.fileno()))  # the same pipe: one end of a socket pair
+        self._lock = threading.Lock()  # over _queued and _closed, and the order of what goes out
+        self._backlog: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queued = 0  # messages in the backlog or being sent from it: later ones must queue behind them
+        self._closed = False
+        threading.Thread(target=self._drain, name="lmforge-engine-writer", daemon=True).start()
+
+    def send(self, message: tuple) -> None:
+        payload = ForkingPickler.dumps(message)
+        header = struct.pack("!i", len(payload)) if len(payload) <= 0x7FFFFFFF else \
+            struct.pack("!i", -1) + struct.pack("!Q", len(payload))
+        data = header + payload
+        with self._lock:
+            if self._closed:
+                return
+            if not self._queued:
+                try:
+                    sent = self._socket.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the engine process is gone: the reader fails what is open
+                    return
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            self._queued += 1
+            self._backlog.put(data)
+
+    def _drain(self) -> None:
+        while (data := self._backlog.get()) is not None:
+            try:
+                self._socket.sendall(data)
+            except OSError:
+                break
+            with self._lock:
+                self._queued -= 1
+        self._socket.close()
+
+    def close(self) -> None:
+        """Send nothing more (what is queued still goes out first)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._backlog.put(None)
+
+
+def shut_down(process: multiprocessing.Process, writer: PipeWriter, timeout: float = 30.0) -> None:
     """Ask the engine process to stop after its current step (it writes its last ledger rows) and wait; kill it
     if it has not stopped within `timeout` (it ignores SIGTERM). Its pipe then closes, which ends the reader."""
     if process.is_alive():
-        outbox.put(("stop",))
+        writer.send(("stop",))
         process.join(timeout)
         if process.is_alive():
             log.warning("the engine process did not stop in %.0f s; killing it", timeout)
@@ -320,15 +372,10 @@ def shut_down(process: multiprocessing.Process, outbox: queue.SimpleQueue, timeo
 
 
 def engine_main(conn, spec: dict[str, Any]) -> None:
-    """The engine process: build the Engine, answer the pipe from a thread, run the engine in the main thread."""
+    """The engine process: build the Engine and run it in the main thread, which also reads the pipe between steps
+    (Engine.receive). One thread, so no lock, and no thread that takes the GIL from the engine mid-step."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # they may reach the whole process group: the HTTP side decides
         signal.signal(sig, signal.SIG_IGN)
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
-
     try:
         config: EngineConfig = spec["config"]
         guard = None
@@ -338,88 +385,83 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
         ledger = None if spec["ledger_path"] is None else Ledger(Path(spec["ledger_path"]))
         cuda_graphs = config.cuda_graphs and config.device.startswith("cuda")
         if cuda_graphs:
-            send(("starting", "capturing the decode step as CUDA graphs"))
+            conn.send(("starting", "capturing the decode step as CUDA graphs"))
         engine = Engine.from_checkpoint(Path(spec["path"]), config, model_id=spec["model_id"], ledger=ledger,
                                         run_id=spec["run_id"], guard=guard)
         if not cuda_graphs and config.compile:
-            send(("starting", "compiling the decode step"))
+            conn.send(("starting", "compiling the decode step"))
         compile_seconds = engine.warm_up()
     except Exception as e:  # LmforgeError says what to do; anything else is reported as it is
-        send(("failed", str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"))
+        conn.send(("failed", str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"))
         return
-    send(("ready", dict(context_len=engine.context_len, slots=engine.slots, created=engine.created,
-                        energy_label=engine.energy_label, energy_measured=engine.energy_measured,
-                        price_per_hour=engine.price_per_hour, compile_seconds=compile_seconds,
-                        graph_seconds=engine.graph_seconds,
-                        graphs=0 if engine.decode_graphs is None else len(engine.decode_graphs.graphs))))
+    conn.send(("ready", dict(context_len=engine.context_len, slots=engine.slots, created=engine.created,
+                             energy_label=engine.energy_label, energy_measured=engine.energy_measured,
+                             price_per_hour=engine.price_per_hour, compile_seconds=compile_seconds,
+                             graph_seconds=engine.graph_seconds,
+                             graphs=0 if engine.decode_graphs is None else len(engine.decode_graphs.graphs))))
 
-    handles: dict[str, RequestHandle | None] = {}  # open requests, for cancel
-    handles_lock = threading.Lock()  # the pipe thread adds, the engine thread drops
-    last_stats: list[dict | None] = [None]
+    handles: dict[str, RequestHandle] = {}  # open requests, for cancel
+    last_stats: dict[str, int] | None = None
 
     def forward(items: list[tuple[str, Event]]) -> None:
         """Events of one step (and the engine's counts, when they changed) in one message."""
-        with handles_lock:
-            for rid, event in items:
-                if isinstance(event, (Finished, Failed)):
-                    handles.pop(rid, None)
-        with send_lock:  # counts read and sent in one go: a later message never carries older counts
-            stats = engine.stats()
-            if items or stats != last_stats[0]:
-                last_stats[0] = stats
-                try:
-                    conn.send(("events", items, stats))
-                except OSError:  # the HTTP process is gone
-                    engine.request_stop()
+        nonlocal last_stats
+        for rid, event in items:
+            if isinstance(event, (Finished, Failed)):
+                handles.pop(rid, None)
+        stats = engine.stats()
+        if items or stats != last_stats:
+            last_stats = stats
+            try:
+                conn.send(("events", items, stats))
+            except OSError:  # the HTTP process is gone
+                engine.request_stop()
 
     def submit(rid: str, prompt: Prompt, params: SamplingParams) -> None:
-        with handles_lock:
-            handles[rid] = None  # before it is queued: its end may be forwarded before submit returns
         try:
             handle = engine.submit(prompt, params, request_id=rid)
         except (InvalidRequest, Overloaded, LmforgeError) as e:  # checked by the HTTP side already: rare
             status = 400 if isinstance(e, InvalidRequest) else 429 if isinstance(e, Overloaded) else 503
             forward([(rid, Failed(status, str(e)))])
             return
-        with handles_lock:
-            if rid in handles:
-                handles[rid] = handle
         refused = []  # a request the input rail blocked is answered at once, on its handle
         while (event := handle.poll()) is not None:
             refused.append((rid, event))
         if refused:
             forward(refused)
+        else:
+            handles[rid] = handle
 
-    def read() -> None:
+    def receive(timeout: float) -> None:
+        """What the pipe holds, waiting up to `timeout` seconds for the first message."""
         try:
-            while True:
+            while conn.poll(timeout):
+                timeout = 0.0
                 kind, *body = conn.recv()
                 if kind == "stop":
-                    break
+                    engine.request_stop()
+                    return
                 try:
                     if kind == "submit":
                         submit(*body)
                     elif kind == "cancel":
-                        handle = handles.get(body[0])
-                        if handle is not None:
+                        if (handle := handles.get(body[0])) is not None:
                             handle.cancel()
                     elif kind == "call":  # "metrics"
-                        send(("reply", body[0], list(engine.metrics.registry.collect())))
+                        conn.send(("reply", body[0], list(engine.metrics.registry.collect())))
                 except Exception as e:  # a bug: fail what the message was about, keep reading
                     log.exception("the engine process could not handle %r", kind)
                     if kind == "submit":
                         forward([(body[0], Failed(500, f"internal error: {type(e).__name__}: {e}"))])
                     elif kind == "call":
-                        send(("reply", body[0], None))
+                        conn.send(("reply", body[0], None))
         except (EOFError, OSError):  # the HTTP process is gone
-            pass
-        finally:
-            engine.request_stop()  # the loop notices within a quarter of a second
+            engine.request_stop()
 
     engine.forward_events = forward
-    threading.Thread(target=read, name="lmforge-engine-pipe", daemon=True).start()
+    engine.receive = receive
     try:
         engine.run()
     except Exception as e:
-        send(("failed", f"{type(e).__name__}: {e}"))
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
         raise
