@@ -230,18 +230,32 @@ def test_chat_contents_cannot_forge_special_tokens(engine):
     assert isinstance(events[0], Prefilled) and isinstance(events[-1], Finished)
 
 
-def test_compiled_decode_step_agrees_with_eager(checkpoint, engine):
+def test_compiled_steps_agree_with_eager_and_compile_nothing_after_warm_up(checkpoint, engine):
+    """The decode step and the prefill, compiled: the same tokens as eager, and after warm_up no request shape
+    (one-token prompts, a full pool, an echo request sharing the prefill) makes the compiler run again."""
     compiled = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=8, compile=True))
     assert compiled.warm_up() > 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    short = [compiled.submit([t], greedy(max_tokens=5)) for t in (5, 6, 7)]  # one-token prompts, prefilled together
     compiled.start()
+    params = greedy(max_tokens=20, logprobs=0)
+    echo = greedy(max_tokens=3, logprobs=1, echo=True)
     try:
-        params = greedy(max_tokens=20, logprobs=0)
         handles = [compiled.submit(p, params) for p in PROMPTS[:8]]  # batched, at different lengths
         got = [h.result(timeout=60) for h in handles]
+        mixed = [compiled.submit(PROMPTS[9], params), compiled.submit(PROMPTS[10], echo)]
+        got_short, got_mixed = [h.result(timeout=60) for h in short], [h.result(timeout=60) for h in mixed]
     finally:
         compiled.stop()
-    for prompt, result in zip(PROMPTS[:8], got):
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for prompt, result in zip(PROMPTS[:8] + [PROMPTS[9]], got + got_mixed[:1]):
         want = engine.generate(prompt, params)
         assert result.token_ids == want.token_ids
         assert [lp.logprob for lp in result.logprobs[0]] == pytest.approx([lp.logprob for lp in want.logprobs[0]],
                                                                           abs=1e-4)
+    for t, result in zip((5, 6, 7), got_short):
+        assert result.token_ids == engine.generate([t], greedy(max_tokens=5)).token_ids
+    want = engine.generate(PROMPTS[10], echo)
+    assert got_mixed[1].token_ids == want.token_ids
+    assert [lp.logprob for lp in got_mixed[1].prompt.prompt_logprobs[1:]] == \
+        pytest.approx([lp.logprob for lp in want.prompt.prompt_logprobs[1:]], abs=1e-4)

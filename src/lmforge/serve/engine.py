@@ -107,6 +107,24 @@ class EngineConfig:
             raise LmforgeError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}, got {self.decode_steps}")
 
 
+def start_work(config: EngineConfig) -> str | None:
+    """What an engine with this (resolved) config does before its first request, in words; None if it is quick."""
+    graphs = config.cuda_graphs and config.device.startswith("cuda")
+    if graphs and config.compile:
+        return "capturing the compiled decode step as CUDA graphs, compiling the prefill"
+    if graphs:
+        return "capturing the decode step as CUDA graphs"
+    return "compiling the decode step and the prefill" if config.compile else None
+
+
+def start_summary(graphs: int, graph_seconds: float, compile_seconds: float) -> str:
+    """How that went: '12 graphs in 30.1 s, prefill compiled in 15 s', or the seconds it took."""
+    if not graphs:
+        return f"{compile_seconds:.0f} s"
+    return f"{graphs} graphs in {graph_seconds:.1f} s" + \
+        (f", prefill compiled in {compile_seconds:.0f} s" if compile_seconds else "")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None = up to the end of the context
@@ -596,18 +614,18 @@ class Engine(RequestChecker):
         self.vocab = self.tokenizer.vocab_size
         self.kv_cache_bytes = rows * row_bytes
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
-        # compile may trace the decode step: batch size and cached length vary, so with dynamic shapes
-        self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
+        # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
+        # vary, so with dynamic shapes (warm_up compiles them before the first request)
+        self._compiled_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
         self.graph_seconds = 0.0  # spent capturing them (and compiling, with compile)
         if config.cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
-                                              forward=self._decode_model)
+                                              forward=self._compiled_model)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
-        self._compiled = config.compile and self.decode_graphs is None  # still to be warmed up
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
         self._flops_per_key = forward_flops_per_token(self.shape, 1) - self._flops_base  # plus this per key
         self.metrics.slots.set(rows)
@@ -648,24 +666,27 @@ class Engine(RequestChecker):
     # ---- the caller's side -------------------------------------------------------------------------------
 
     def warm_up(self) -> float:
-        """Compile the decode step now, not on the first requests: each call below is one more shape the compiler
-        needs to see before its graph is general (batch 1 and 2 are special cases, then the cached length); after
-        them, serving compiles nothing more (checked with TORCH_LOGS=recompiles).
+        """Compile the decode step and the prefill now, not on the first requests: each call below is one more
+        shape the compiler needs to see before its graph is general (batch 1 and 2 are special cases, then the
+        cached length); after them, serving compiles nothing more (checked with TORCH_LOGS=recompiles). The CUDA graphs compiled the decode step already, as they were captured.
 
-        Returns the seconds it took (0 without compile, or with CUDA graphs). The rows it writes hold no sequence yet.
+        Returns the seconds it took (0 without compile). The rows it writes hold no sequence yet.
         """
-        if not self._compiled:
+        if not self.config.compile:
             return 0.0
         start = time.perf_counter()
         with torch.inference_mode():
-            # the full pool is a special case too: a view of every row has the strides of a whole tensor
-            for batch, cached in ((1, 1), (2, 2), (3, 3), (4, 5), (1, 7), (self.slots, 6)):
-                view = self.cache.rows(0, min(batch, self.slots))
-                view.attend_len = cached
-                positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
-                idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
-                self._decode_model(idx, kv_cache=view, start_pos=positions)
-                view.staged.clear()
+            if self.decode_graphs is None:
+                # the full pool is a special case too: a view of every row has the strides of a whole tensor
+                for batch, cached in ((1, 1), (2, 2), (3, 3), (4, 5), (1, 7), (self.slots, 6)):
+                    view = self.cache.rows(0, min(batch, self.slots))
+                    positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
+                    idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
+                    self._eager_step(idx, positions, view, cached)
+            for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
+                self._prefill_logits(self.cache.rows(0, min(batch, self.slots)),
+                                     torch.zeros(min(batch, self.slots), length, dtype=torch.long, device=self.device),
+                                     torch.full((min(batch, self.slots),), length - 1, device=self.device))
         return time.perf_counter() - start
 
     def start(self) -> Engine:
@@ -841,40 +862,64 @@ class Engine(RequestChecker):
                 seq.finish_reason = "cancelled"
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run the new sequences' prompts together (padded to the longest) and sample each one's first token."""
+        """Run the new sequences' prompts together (padded to the longest) and sample each one's first token.
+
+        Requests that asked for their prompt's log-probabilities (echo) need the logits at every position: their
+        prompts run eagerly, apart from the others, whose prefill is compiled with the decode step. So no prompt's
+        arithmetic depends on whether an echo request shares its step."""
         start = time.perf_counter()
+        seqs.sort(key=self._wants_prompt_logprobs)  # their rows after the others'
         first_row = len(self._running)
         self._running.extend(seqs)
         lengths = [len(s.request.prompt_ids) for s in seqs]
-        T = max(lengths)
-        idx = torch.zeros(len(seqs), T, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            idx[i, : lengths[i]] = torch.tensor(s.request.prompt_ids)
-        idx = idx.to(self.device)
-        last = torch.tensor(lengths) - 1
-        view = self.cache.rows(first_row, first_row + len(seqs))
-        view.attend_len = 0  # fresh rows: nothing cached before the prompts
-        zeros = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        echo = [s.request.params.echo and s.request.params.logprobs is not None and s.index == 0 for s in seqs]
-        if any(echo):  # prompt log-probabilities need every position's logits
-            full = self.model(idx, kv_cache=view, start_pos=zeros).float()  # (B, T, V)
-            full = full[..., : self.vocab]
-            logits = full[torch.arange(len(seqs)), last.to(self.device)]  # (B, V)
-        else:
-            full = None
-            logits = self.model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab].float()
-        view.commit(zeros)
+        plain = sum(1 for s in seqs if not self._wants_prompt_logprobs(s))
+        logits, full = [], []
+        for a, b in ((0, plain), (plain, len(seqs))):
+            if a == b:
+                continue
+            # compiled prompts are at least 2 wide: one-token prompts would be a shape of their own for the compiler
+            # (it specialises sizes 0 and 1); padding's keys and values land past the prompt, where decoding
+            # overwrites them before anything reads them (as with any prompt shorter than the longest)
+            width = max(lengths[a:b]) if a else min(max(2, *lengths[a:b]), self.context_len)
+            idx = torch.zeros(b - a, width, dtype=torch.long)
+            for i, s in enumerate(seqs[a:b]):
+                idx[i, : lengths[a + i]] = torch.tensor(s.request.prompt_ids)
+            idx, last = idx.to(self.device), torch.tensor(lengths[a:b], device=self.device) - 1
+            view = self.cache.rows(first_row + a, first_row + b)
+            if a < plain:
+                logits.append(self._prefill_logits(view, idx, last))
+                continue
+            view.attend_len = 0  # nothing cached before the prompts
+            zeros = torch.zeros(b - a, dtype=torch.long, device=self.device)
+            every = self.model(idx, kv_cache=view, start_pos=zeros)[..., : self.vocab].float()  # (B, T, V)
+            view.commit(zeros)
+            full = list(every)
+            logits.append(every[torch.arange(b - a), last])
+        logits = torch.cat(logits)  # (B, V)
         for s, n in zip(seqs, lengths):
             s.cached = n
         tokens = self._sample(seqs, logits)
         self._account(seqs, lengths, time.perf_counter() - start)
         for i, s in enumerate(seqs):
             if s.index == 0:
-                prompt_logprobs = self._prompt_logprobs(s.request, full[i]) if echo[i] else None
+                prompt_logprobs = self._prompt_logprobs(s.request, full[i - plain]) if i >= plain else None
                 self._send(s.request, Prefilled(self.tokenizer.decode(s.request.prompt_ids),
                                                  list(s.request.prompt_ids), prompt_logprobs, s.request.verdict))
                 self.metrics.prompt_tokens.inc(lengths[i])
         self._append(seqs, tokens, logits)
+
+    @staticmethod
+    def _wants_prompt_logprobs(s: Sequence) -> bool:
+        return s.request.params.echo and s.request.params.logprobs is not None
+
+    def _prefill_logits(self, view: KVCache, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Run prompts idx (B, T) into fresh cache rows `view` (written); the float logits (B, V) at positions
+        last (B,)."""
+        view.attend_len = 0  # nothing cached before the prompts
+        zeros = torch.zeros(idx.size(0), dtype=torch.long, device=self.device)
+        logits = self._compiled_model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab]
+        view.commit(zeros)
+        return logits.float()
 
     def _decode(self) -> None:
         """Feed every running sequence its last token at its own position; sample the next.
@@ -911,9 +956,12 @@ class Engine(RequestChecker):
         return idx, positions, self.cache.rows(0, len(seqs))
 
     def _eager_step(self, idx: torch.Tensor, positions: torch.Tensor, view: KVCache, attend_len: int) -> torch.Tensor:
-        """One decode step without graphs, its keys and values written to the cache: the logits (B, V)."""
-        view.attend_len = attend_len
-        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]
+        """One decode step without graphs, its keys and values written to the cache: the logits (B, V).
+
+        It reads at least 2 cached positions: a length of 1 would be a shape of its own for the compiler, and
+        positions past a row's own are masked anyway."""
+        view.attend_len = max(2, attend_len)
+        logits = self._compiled_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]
         view.commit(positions)
         return logits
 

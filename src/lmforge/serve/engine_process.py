@@ -64,6 +64,7 @@ from lmforge.serve.engine import (
     SamplingParams,
     _put_all,
     new_request_id,
+    start_work,
 )
 from lmforge.serve.metrics import ServeMetrics
 
@@ -383,13 +384,10 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
             guard = Guard.from_policy(spec["policy"])
             guard.check("warm-up", "output")
         ledger = None if spec["ledger_path"] is None else Ledger(Path(spec["ledger_path"]))
-        cuda_graphs = config.cuda_graphs and config.device.startswith("cuda")
-        if cuda_graphs:
-            conn.send(("starting", "capturing the decode step as CUDA graphs"))
+        if (doing := start_work(config)) is not None:
+            conn.send(("starting", doing))
         engine = Engine.from_checkpoint(Path(spec["path"]), config, model_id=spec["model_id"], ledger=ledger,
                                         run_id=spec["run_id"], guard=guard)
-        if not cuda_graphs and config.compile:
-            conn.send(("starting", "compiling the decode step"))
         compile_seconds = engine.warm_up()
     except Exception as e:  # LmforgeError says what to do; anything else is reported as it is
         conn.send(("failed", str(e) if isinstance(e, LmforgeError) else f"{type(e).__name__}: {e}"))
