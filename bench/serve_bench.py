@@ -82,7 +82,7 @@ class Timing:
     token_times: list[float] = field(default_factory=list)
     tokens: int = 0  # output tokens (of all rows, for a batched generate)
     text: str = ""  # the (first row's) output text
-    engine_ttft: float | None = None  # lmforge: the engine's own TTFT (from usage), from arrival there, queue included
+    engine_ttft: float | None = None  # lmforge: the engine's TTFT (from usage), from submission to it, queue included
 
     @property
     def end(self) -> float:
@@ -660,8 +660,8 @@ def main() -> None:
     print(server_cpu.summary())
     inside = [f"{row.label} {percentile([t.engine_ttft * 1e3 for t in row.timings], 50):.1f}ms" for row in rows
               if row.timings and all(t.engine_ttft is not None for t in row.timings)]
-    print(f"TTFT p50 inside the engine (from a request's arrival there; the rest is HTTP, the pipe and the client): "
-          f"{', '.join(inside)}")
+    print(f"TTFT p50 from the request's submission to the engine (the pipe included, with the engine in a process of "
+          f"its own; the rest is HTTP and the client): {', '.join(inside)}")
     target_1, target_c = TARGETS[device.type]
     for what, ours, theirs, target in (("batch-1 decode tok/s", ours_1, hf_1, target_1),
                                        (f"{args.concurrency}-concurrent output tok/s", ours_c, hf_c, target_c)):

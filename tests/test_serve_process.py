@@ -27,6 +27,7 @@ from lmforge.guard.guard import Guard
 from lmforge.meter.ledger import Ledger
 from lmforge.serve.app import create_app
 from lmforge.serve.engine import EngineConfig, Failed, Finished, Overloaded, SamplingParams
+from lmforge.serve import engine_process
 from lmforge.serve.engine_process import EngineProcess, PipeWriter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -139,6 +140,34 @@ def test_a_stuck_engine_process_is_killed_on_stop(trained_run):
         engine.submit("def", GREEDY)
 
 
+def test_a_paused_engine_process_holds_nothing_up(trained_run, monkeypatch):
+    """A SIGSTOPped engine process reads nothing: sends still return at once (what the pipe cannot take waits, in
+    order), /metrics answers with the engine's last counts, and once it runs again it takes everything in."""
+    monkeypatch.setattr(engine_process, "CALL_TIMEOUT_S", 0.5)
+    engine = start(trained_run[0], max_concurrency=2)
+    try:
+        want = engine.generate("def", GREEDY, timeout=30)
+        assert "lmforge_completion_tokens_total 12.0" in engine.metrics.render().decode()
+        os.kill(engine.pid, signal.SIGSTOP)
+        sent = threading.Event()
+
+        def send_many() -> None:
+            for _ in range(40):  # 4 MB of cancels for no request, far more than the pipe holds
+                engine._send(("cancel", "x" * 100_000))
+            sent.set()
+
+        threading.Thread(target=send_many, daemon=True).start()
+        assert sent.wait(30)
+        handle = engine.submit("def", GREEDY)  # behind them
+        assert "lmforge_completion_tokens_total 12.0" in engine.metrics.render().decode()  # the last answer
+        os.kill(engine.pid, signal.SIGCONT)
+        assert handle.result(timeout=30).token_ids == want.token_ids
+        assert "lmforge_completion_tokens_total 24.0" in engine.metrics.render().decode()
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+        engine.stop()
+
+
 def test_a_failing_start_is_one_clear_error(trained_run):
     with pytest.raises(LmforgeError, match="--kv-cache-mb .* is less than one sequence's KV cache"):
         start(trained_run[0], kv_cache_mb=0.0001)
@@ -159,7 +188,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.serve.engine import EngineConfig, SamplingParams
-from lmforge.serve.engine_process import EngineProcess, PipeWriter
+from lmforge.serve.engine_process import EngineProcess
 
 if __name__ == "__main__":
     engine = EngineProcess(resolve_checkpoint("tiny", Path({str(trained_run[0] / "runs")!r})), EngineConfig(),
@@ -213,5 +242,6 @@ def test_pipe_writer_never_waits_and_keeps_the_order():
     writer.close()
     writer.send(("after close",))  # dropped, not raised
     ours.close()
+    assert theirs.poll(10)  # the writer's thread closes its end too
     with pytest.raises(EOFError):
         theirs.recv()

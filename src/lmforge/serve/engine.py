@@ -724,17 +724,19 @@ class Engine(RequestChecker):
         self._flush_ledger()
 
     def submit(self, prompt: str | list[int] | Prompt, params: SamplingParams, *,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None, arrived: float | None = None) -> RequestHandle:
         """Queue a request; its events arrive on the handle. Raises InvalidRequest or Overloaded.
 
-        A prompt the input rail blocked is answered at once with the refusal and never queued."""
+        A prompt the input rail blocked is answered at once with the refusal and never queued. `arrived`: when
+        the request arrived, on time.monotonic()'s clock, if earlier than now (another process on this machine
+        took it in: the clock is system-wide); its queue timeout and time to first token count from then."""
         if not isinstance(prompt, Prompt):
             prompt = self.prepare(prompt)
         self.check(prompt.ids, params)
         if self._thread is not None and not self.alive and not self._stop:
             raise LmforgeError(f"the engine is not running (last error: {self.error})")
-        request = Request(request_id or new_request_id(self._ids), prompt.ids, params, time.monotonic(),
-                          prompt.verdict)
+        request = Request(request_id or new_request_id(self._ids), prompt.ids, params,
+                          time.monotonic() if arrived is None else arrived, prompt.verdict)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

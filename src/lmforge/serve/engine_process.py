@@ -183,7 +183,7 @@ class EngineProcess(RequestChecker):
                 raise Overloaded(f"the server is at capacity ({self.slots} running, {waiting} waiting); retry "
                                  f"shortly", retry_after=1)
             self._handles[request.id] = handle
-        self._send(("submit", request.id, prompt, params))
+        self._send(("submit", request.id, prompt, params, request.arrived))
         return handle
 
     def _waiting_requests(self) -> int:
@@ -315,6 +315,9 @@ class PipeWriter:
 
     def __init__(self, conn: Connection):
         self._socket = socket.socket(fileno=os.dup(conn.fileno()))  # the same pipe: one end of a socket pair
+        # blocking, whatever socket.setdefaulttimeout says: a timeout would make the pipe non-blocking for the
+        # Connection too, which shares it (its recv would then fail as if the engine had died)
+        self._socket.settimeout(None)
         self._lock = threading.Lock()  # over _queued and _closed, and the order of what goes out
         self._backlog: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # messages in the backlog or being sent from it: later ones must queue behind them
@@ -346,7 +349,9 @@ class PipeWriter:
         while (data := self._backlog.get()) is not None:
             try:
                 self._socket.sendall(data)
-            except OSError:
+            except OSError:  # the engine process is gone: nothing more goes out (the reader fails what is open)
+                with self._lock:
+                    self._closed = True
                 break
             with self._lock:
                 self._queued -= 1
@@ -415,9 +420,9 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
             except OSError:  # the HTTP process is gone
                 engine.request_stop()
 
-    def submit(rid: str, prompt: Prompt, params: SamplingParams) -> None:
+    def submit(rid: str, prompt: Prompt, params: SamplingParams, arrived: float) -> None:
         try:
-            handle = engine.submit(prompt, params, request_id=rid)
+            handle = engine.submit(prompt, params, request_id=rid, arrived=arrived)
         except (InvalidRequest, Overloaded, LmforgeError) as e:  # checked by the HTTP side already: rare
             status = 400 if isinstance(e, InvalidRequest) else 429 if isinstance(e, Overloaded) else 503
             forward([(rid, Failed(status, str(e)))])
@@ -435,7 +440,14 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
         try:
             while conn.poll(timeout):
                 timeout = 0.0
-                kind, *body = conn.recv()
+                try:
+                    kind, *body = conn.recv()
+                except (EOFError, OSError):
+                    raise
+                except Exception:  # a bug: the pipe can no longer be trusted, so stop as if it had closed
+                    log.exception("the engine process could not read a message")
+                    engine.request_stop()
+                    return
                 if kind == "stop":
                     engine.request_stop()
                     return

@@ -62,16 +62,16 @@ class ServeMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
 
         self.remote: Callable[[], list[Metric]] | None = None  # another process's families, added in
+        self._remote_last: list[Metric] = []  # its last answer
 
     def render(self) -> bytes:
         if self.remote is None:
             return generate_latest(self.registry)
         try:
-            theirs = self.remote()
-        except LmforgeError as e:  # the other process is gone or stuck: this one's share is what there is
-            log.warning("metrics: %s", e)
-            return generate_latest(self.registry)
-        return generate_latest(Sum(self.registry.collect(), theirs))
+            self._remote_last = self.remote()
+        except LmforgeError as e:  # the other process is gone or busy: its last answer stands in (its counters
+            log.warning("metrics: %s", e)  # must not seem to go back to zero)
+        return generate_latest(Sum(self.registry.collect(), self._remote_last))
 
 
 class Sum:
