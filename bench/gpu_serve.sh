@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 8): the decode step's own time
+# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 9.5): the decode step's own time
 # (bench/decode_step.py), the serving engine's GPU tests (the decode step as CUDA graphs against the eager step,
-# bursts of compiled steps), then bench/serve_bench.py against Hugging Face `generate` in three settings: the
-# defaults (engine in its own process), the engine in the HTTP process, and bursts of 8.
+# bursts of compiled steps), then bench/serve_bench.py against Hugging Face `generate` twice: the defaults, and the
+# defaults with the concurrent clients in 8 processes instead of 4 (if that serves more, the clients were the limit).
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
@@ -26,22 +26,20 @@ if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null;
 fi
 
 echo "== the decode step alone (bench/decode_step.py)"
-timeout 120 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
+timeout 90 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
 
 echo "== GPU tests: serving with CUDA graphs"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
 
-# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults); --engine adds the rows without HTTP.
-# The defaults (compiled steps in graphs of bursts of 16 greedy steps, the engine in a process of its own), the
-# engine in the HTTP process, then bursts of 8.
+# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16
+# greedy steps, the prefill compiled, the engine in a process of its own); --engine adds the rows without HTTP.
 run_bench() {
     echo "== serve_bench $*"
-    timeout 110 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
+    timeout 160 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
         || failed+=("serve_bench $*")
 }
 run_bench --engine
-run_bench --engine-process off
-run_bench --decode-steps 8
+run_bench --client-processes 8
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"

@@ -259,3 +259,20 @@ def test_compiled_steps_agree_with_eager_and_compile_nothing_after_warm_up(check
     assert got_mixed[1].token_ids == want.token_ids
     assert [lp.logprob for lp in got_mixed[1].prompt.prompt_logprobs[1:]] == \
         pytest.approx([lp.logprob for lp in want.prompt.prompt_logprobs[1:]], abs=1e-4)
+
+
+def test_a_prefill_that_will_not_compile_runs_eagerly(checkpoint, engine, caplog):
+    compiled = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=2, compile=True))
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("the compiler says no")
+
+    compiled._prefill_model = refuses
+    compiled.warm_up()
+    assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in caplog.text
+    compiled.start()
+    try:
+        got = compiled.generate(PROMPTS[0], greedy(max_tokens=8), timeout=60)
+    finally:
+        compiled.stop()
+    assert got.token_ids == engine.generate(PROMPTS[0], greedy(max_tokens=8)).token_ids

@@ -617,6 +617,7 @@ class Engine(RequestChecker):
         # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
         # vary, so with dynamic shapes (warm_up compiles them before the first request)
         self._compiled_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
+        self._prefill_model = self._compiled_model  # the model, where compiling the prefill failed (warm_up)
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
@@ -668,7 +669,8 @@ class Engine(RequestChecker):
     def warm_up(self) -> float:
         """Compile the decode step and the prefill now, not on the first requests: each call below is one more
         shape the compiler needs to see before its graph is general (batch 1 and 2 are special cases, then the
-        cached length); after them, serving compiles nothing more (checked with TORCH_LOGS=recompiles). The CUDA graphs compiled the decode step already, as they were captured.
+        cached length); after them, serving compiles nothing more (a test checks). The CUDA graphs compiled the
+        decode step already, as they were captured.
 
         Returns the seconds it took (0 without compile). The rows it writes hold no sequence yet.
         """
@@ -683,10 +685,15 @@ class Engine(RequestChecker):
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
-            for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
-                self._prefill_logits(self.cache.rows(0, min(batch, self.slots)),
-                                     torch.zeros(min(batch, self.slots), length, dtype=torch.long, device=self.device),
-                                     torch.full((min(batch, self.slots),), length - 1, device=self.device))
+            try:
+                for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
+                    batch = min(batch, self.slots)
+                    self._prefill_logits(self.cache.rows(0, batch),
+                                         torch.zeros(batch, length, dtype=torch.long, device=self.device),
+                                         torch.full((batch,), length - 1, device=self.device))
+            except Exception as e:  # newer than the compiled decode step: serve with an eager prefill rather than not
+                log.warning("compiling the prefill failed, so it runs eagerly (slower): %s: %s", type(e).__name__, e)
+                self._prefill_model = self.model
         return time.perf_counter() - start
 
     def start(self) -> Engine:
@@ -919,7 +926,7 @@ class Engine(RequestChecker):
         last (B,)."""
         view.attend_len = 0  # nothing cached before the prompts
         zeros = torch.zeros(idx.size(0), dtype=torch.long, device=self.device)
-        logits = self._compiled_model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab]
+        logits = self._prefill_model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab]
         view.commit(zeros)
         return logits.float()
 
