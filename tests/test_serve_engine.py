@@ -4,6 +4,7 @@ log-probabilities, cancellation, backpressure, accounting and the chat template.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -24,6 +25,8 @@ from lmforge.serve.engine import (
     Overloaded,
     Prefilled,
     SamplingParams,
+    start_summary,
+    start_work,
 )
 
 NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
@@ -267,12 +270,26 @@ def test_a_prefill_that_will_not_compile_runs_eagerly(checkpoint, engine, caplog
     def refuses(*args, **kwargs):
         raise RuntimeError("the compiler says no")
 
-    compiled._prefill_model = refuses
+    compiled._prefill_forward = refuses
     compiled.warm_up()
-    assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in caplog.text
+    assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in \
+        caplog.text
+    assert not compiled.prefill_compiled
     compiled.start()
     try:
         got = compiled.generate(PROMPTS[0], greedy(max_tokens=8), timeout=60)
     finally:
         compiled.stop()
     assert got.token_ids == engine.generate(PROMPTS[0], greedy(max_tokens=8)).token_ids
+
+
+def test_the_start_up_line_says_what_was_done():
+    cpu, gpu = EngineConfig(compile=True), EngineConfig(compile=True, device="cuda")
+    assert start_work(cpu) == "compiling the decode step and the prefill"
+    assert start_work(dataclasses.replace(cpu, compile=False)) is None
+    assert start_work(gpu) == "capturing the compiled decode step as CUDA graphs, compiling the prefill"
+    assert start_work(dataclasses.replace(gpu, compile=False)) == "capturing the decode step as CUDA graphs"
+    assert start_summary(0, 0.0, 9.4) == "9 s"
+    assert start_summary(12, 30.06, 15.2) == "12 graphs in 30.1 s, prefill compiled in 15 s"
+    assert start_summary(12, 30.06, 15.2, prefill_failed=True) == \
+        "12 graphs in 30.1 s; the prefill did not compile and runs eagerly (see the warning)"

@@ -224,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
                                    guard=guard,
                                    on_start=lambda doing: err.print(f"{doing} ...", end=" "))
             if start_work(config) is not None:
-                err.print(start_summary(engine.info["graphs"], engine.info["graph_seconds"],
-                                        engine.info["compile_seconds"]))
+                info = engine.info
+                err.print(start_summary(info["graphs"], info["graph_seconds"], info["compile_seconds"],
+                                        compile_on and not info["prefill_compiled"]))
         else:
             if (doing := start_work(config)) is not None:
                 err.print(f"{doing} ...", end=" ")
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             if doing is not None:
                 graphs = engine.decode_graphs
                 err.print(start_summary(0 if graphs is None else len(graphs.graphs), engine.graph_seconds,
-                                        compile_seconds))
+                                        compile_seconds, compile_on and not engine.prefill_compiled))
         app = create_app(engine, api_keys=api_keys, max_body_bytes=int(args.max_body_mb * 2**20))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))

@@ -107,6 +107,14 @@ class EngineConfig:
             raise LmforgeError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}, got {self.decode_steps}")
 
 
+def prefill_logits(model: Transformer, idx: torch.Tensor, view: KVCache, start_pos: torch.Tensor,
+                   last: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The prefill's forward: prompts idx (B, T) from start_pos (B,) into cache rows `view` (staged, not written);
+    the float logits (B, vocab) at positions last (B,). A function of its own, so that compiled it has its own
+    versions."""
+    return model(idx, kv_cache=view, start_pos=start_pos, logits_at=last)[:, 0, :vocab].float()
+
+
 def start_work(config: EngineConfig) -> str | None:
     """What an engine with this (resolved) config does before its first request, in words; None if it is quick."""
     graphs = config.cuda_graphs and config.device.startswith("cuda")
@@ -117,12 +125,14 @@ def start_work(config: EngineConfig) -> str | None:
     return "compiling the decode step and the prefill" if config.compile else None
 
 
-def start_summary(graphs: int, graph_seconds: float, compile_seconds: float) -> str:
+def start_summary(graphs: int, graph_seconds: float, compile_seconds: float, prefill_failed: bool = False) -> str:
     """How that went: '12 graphs in 30.1 s, prefill compiled in 15 s', or the seconds it took."""
     if not graphs:
-        return f"{compile_seconds:.0f} s"
-    return f"{graphs} graphs in {graph_seconds:.1f} s" + \
-        (f", prefill compiled in {compile_seconds:.0f} s" if compile_seconds else "")
+        summary = f"{compile_seconds:.0f} s"
+    else:
+        summary = f"{graphs} graphs in {graph_seconds:.1f} s" + \
+            (f", prefill compiled in {compile_seconds:.0f} s" if compile_seconds and not prefill_failed else "")
+    return summary + ("; the prefill did not compile and runs eagerly (see the warning)" if prefill_failed else "")
 
 
 @dataclass
@@ -617,7 +627,9 @@ class Engine(RequestChecker):
         # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
         # vary, so with dynamic shapes (warm_up compiles them before the first request)
         self._compiled_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
-        self._prefill_model = self._compiled_model  # the model, where compiling the prefill failed (warm_up)
+        # the prefill compiled apart from the decode step: torch.compile keeps at most 8 versions of a function, and
+        # the decode graphs take 6 of Transformer.forward's on a GPU
+        self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
@@ -685,15 +697,11 @@ class Engine(RequestChecker):
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
-            try:
-                for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
-                    batch = min(batch, self.slots)
-                    self._prefill_logits(self.cache.rows(0, batch),
-                                         torch.zeros(batch, length, dtype=torch.long, device=self.device),
-                                         torch.full((batch,), length - 1, device=self.device))
-            except Exception as e:  # newer than the compiled decode step: serve with an eager prefill rather than not
-                log.warning("compiling the prefill failed, so it runs eagerly (slower): %s: %s", type(e).__name__, e)
-                self._prefill_model = self.model
+            for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
+                batch = min(batch, self.slots)
+                self._prefill_logits(self.cache.rows(0, batch),
+                                     torch.zeros(batch, length, dtype=torch.long, device=self.device),
+                                     torch.full((batch,), length - 1, device=self.device))
         return time.perf_counter() - start
 
     def start(self) -> Engine:
@@ -889,13 +897,14 @@ class Engine(RequestChecker):
             # compiled prompts are at least 2 wide: one-token prompts would be a shape of their own for the compiler
             # (it specialises sizes 0 and 1); padding's keys and values land past the prompt, where decoding
             # overwrites them before anything reads them (as with any prompt shorter than the longest)
-            width = max(lengths[a:b]) if a else min(max(2, *lengths[a:b]), self.context_len)
+            compiled = a < plain
+            width = min(max(2, *lengths[a:b]), self.context_len) if compiled else max(lengths[a:b])
             idx = torch.zeros(b - a, width, dtype=torch.long)
             for i, s in enumerate(seqs[a:b]):
                 idx[i, : lengths[a + i]] = torch.tensor(s.request.prompt_ids)
             idx, last = idx.to(self.device), torch.tensor(lengths[a:b], device=self.device) - 1
             view = self.cache.rows(first_row + a, first_row + b)
-            if a < plain:
+            if compiled:
                 logits.append(self._prefill_logits(view, idx, last))
                 continue
             view.attend_len = 0  # nothing cached before the prompts
@@ -923,12 +932,27 @@ class Engine(RequestChecker):
 
     def _prefill_logits(self, view: KVCache, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Run prompts idx (B, T) into fresh cache rows `view` (written); the float logits (B, V) at positions
-        last (B,)."""
+        last (B,).
+
+        If the compiled prefill fails (compiling it is newer than compiling the decode step, and a GPU compiles
+        other kernels than a CPU), it runs eagerly from then on, with a warning: slower serving rather than none."""
         view.attend_len = 0  # nothing cached before the prompts
         zeros = torch.zeros(idx.size(0), dtype=torch.long, device=self.device)
-        logits = self._prefill_model(idx, kv_cache=view, start_pos=zeros, logits_at=last)[:, 0, : self.vocab]
+        try:
+            logits = self._prefill_forward(self.model, idx, view, zeros, last, self.vocab)
+        except Exception as e:
+            if not self.prefill_compiled:
+                raise
+            log.warning("compiling the prefill failed, so it runs eagerly (slower): %s: %s", type(e).__name__, e)
+            self._prefill_forward = prefill_logits
+            view.staged.clear()
+            logits = prefill_logits(self.model, idx, view, zeros, last, self.vocab)
         view.commit(zeros)
-        return logits.float()
+        return logits
+
+    @property
+    def prefill_compiled(self) -> bool:
+        return self._prefill_forward is not prefill_logits
 
     def _decode(self) -> None:
         """Feed every running sequence its last token at its own position; sample the next.

@@ -400,7 +400,7 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
     conn.send(("ready", dict(context_len=engine.context_len, slots=engine.slots, created=engine.created,
                              energy_label=engine.energy_label, energy_measured=engine.energy_measured,
                              price_per_hour=engine.price_per_hour, compile_seconds=compile_seconds,
-                             graph_seconds=engine.graph_seconds,
+                             graph_seconds=engine.graph_seconds, prefill_compiled=engine.prefill_compiled,
                              graphs=0 if engine.decode_graphs is None else len(engine.decode_graphs.graphs))))
 
     handles: dict[str, RequestHandle] = {}  # open requests, for cancel
