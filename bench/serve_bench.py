@@ -33,6 +33,7 @@ request and as a share of one core: the HTTP process, and the engine process whe
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -241,6 +242,14 @@ class Server:
         self.log.flush()
         lines = Path(self.log.name).read_text(errors="replace").strip().splitlines()
         return " | ".join(lines[-5:]) or "(no output)"
+
+    def start_up(self) -> str:
+        """What the server said before it was ready: what it compiled or captured and how long that took, and any
+        warning (a prefill that did not compile, say)."""
+        self.log.flush()
+        lines = Path(self.log.name).read_text(errors="replace").splitlines()
+        return " | ".join(line.strip() for line in itertools.takewhile(lambda line: not line.startswith("serving "),
+                                                                       lines) if line.strip()) or "(nothing)"
 
     def model_id(self) -> str:
         return httpx.get(f"{self.url}/v1/models", timeout=10.0).json()["data"][0]["id"]
@@ -635,6 +644,7 @@ def main() -> None:
                    "--engine-process", args.engine_process]
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
             server_cpu = ServerCPU(server.process.pid)
+            start_up = server.start_up()
             rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer,
                                        server_cpu))
     finally:
@@ -648,7 +658,7 @@ def main() -> None:
     graphs += f", compile {'on' if compile_on else 'off'}, decode steps {steps}, engine process {args.engine_process}"
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
-    print(f"model: {describe(shape)}\ncheckpoint: {ckpt}")
+    print(f"model: {describe(shape)}\ncheckpoint: {ckpt}\nserver start-up: {start_up}")
     print(f"{args.concurrency} concurrent ({args.back_to_back} requests each in turn, clients in "
           f"{args.client_processes} process{'es' if args.client_processes > 1 else ''}), prompts of "
           f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens "
