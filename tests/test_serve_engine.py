@@ -270,6 +270,13 @@ def test_a_prefill_that_will_not_compile_runs_eagerly(checkpoint, engine, caplog
     def refuses(*args, **kwargs):
         raise RuntimeError("the compiler says no")
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    compiled._prefill_forward = out_of_memory  # not the compiler's doing: raised, and the prefill stays compiled
+    with pytest.raises(torch.OutOfMemoryError):
+        compiled._prefill_logits(compiled.cache.rows(0, 1), torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]))
+    assert compiled.prefill_compiled
     compiled._prefill_forward = refuses
     compiled.warm_up()
     assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in \

@@ -941,7 +941,7 @@ class Engine(RequestChecker):
         try:
             logits = self._prefill_forward(self.model, idx, view, zeros, last, self.vocab)
         except Exception as e:
-            if not self.prefill_compiled:
+            if not self.prefill_compiled or isinstance(e, torch.OutOfMemoryError):  # not the compiler's doing
                 raise
             log.warning("compiling the prefill failed, so it runs eagerly (slower): %s: %s", type(e).__name__, e)
             self._prefill_forward = prefill_logits
