@@ -273,20 +273,21 @@ def test_a_prefill_that_will_not_compile_runs_eagerly(checkpoint, engine, caplog
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    compiled._prefill_forward = out_of_memory  # not the compiler's doing: raised, and the prefill stays compiled
-    with pytest.raises(torch.OutOfMemoryError):
+    compiled_prefill, compiled._prefill_forward = compiled._prefill_forward, out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):  # not the compiler's doing: raised, and the prefill stays compiled
         compiled._prefill_logits(compiled.cache.rows(0, 1), torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]))
     assert compiled.prefill_compiled
-    compiled._prefill_forward = refuses
+    compiled._prefill_forward = compiled_prefill
     compiled.warm_up()
-    assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in \
-        caplog.text
-    assert not compiled.prefill_compiled
+    compiled._prefill_forward = refuses  # a prefill that fails while serving, after a warm-up that went well
     compiled.start()
     try:
         got = compiled.generate(PROMPTS[0], greedy(max_tokens=8), timeout=60)
     finally:
         compiled.stop()
+    assert "compiling the prefill failed, so it runs eagerly (slower): RuntimeError: the compiler says no" in \
+        caplog.text
+    assert not compiled.prefill_compiled
     assert got.token_ids == engine.generate(PROMPTS[0], greedy(max_tokens=8)).token_ids
 
 

@@ -952,6 +952,7 @@ class Engine(RequestChecker):
 
     @property
     def prefill_compiled(self) -> bool:
+        """The prefill runs compiled: compile is on, and compiling it has not failed."""
         return self._prefill_forward is not prefill_logits
 
     def _decode(self) -> None:
