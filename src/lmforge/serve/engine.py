@@ -625,10 +625,9 @@ class Engine(RequestChecker):
         self.kv_cache_bytes = rows * row_bytes
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
         # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
-        # vary, so with dynamic shapes (warm_up compiles them before the first request)
-        self._compiled_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
-        # the prefill compiled apart from the decode step: torch.compile keeps at most 8 versions of a function, and
-        # the decode graphs take 6 of Transformer.forward's on a GPU
+        # vary, so with dynamic shapes (warm_up compiles them before the first request). The prefill is compiled
+        # apart: torch.compile keeps at most 8 versions of a function, and on a GPU the decode graphs take 6
+        self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
@@ -636,7 +635,7 @@ class Engine(RequestChecker):
         self.graph_seconds = 0.0  # spent capturing them (and compiling, with compile)
         if config.cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
-                                              forward=self._compiled_model)
+                                              forward=self._decode_model)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
@@ -882,7 +881,7 @@ class Engine(RequestChecker):
         """Run the new sequences' prompts together (padded to the longest) and sample each one's first token.
 
         Requests that asked for their prompt's log-probabilities (echo) need the logits at every position: their
-        prompts run eagerly, apart from the others, whose prefill is compiled with the decode step. So no prompt's
+        prompts run eagerly, apart from the others, whose prefill is compiled (with compile). So no prompt's
         arithmetic depends on whether an echo request shares its step."""
         start = time.perf_counter()
         seqs.sort(key=self._wants_prompt_logprobs)  # their rows after the others'
@@ -995,7 +994,7 @@ class Engine(RequestChecker):
         It reads at least 2 cached positions: a length of 1 would be a shape of its own for the compiler, and
         positions past a row's own are masked anyway."""
         view.attend_len = max(2, attend_len)
-        logits = self._compiled_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]
+        logits = self._decode_model(idx, kv_cache=view, start_pos=positions)[:, 0, : self.vocab]
         view.commit(positions)
         return logits
 
