@@ -2,9 +2,11 @@
 
 For each batch size, the padded decode step of `DecodeGraphs` (forward, KV-cache write, argmax) run eagerly from
 Python, the same with the model torch.compile'd, and on a GPU replayed as CUDA graphs of one step and of bursts of
---decode-steps steps (each fed the last one's argmax on the device). Each figure is the median of --repeats timed
-runs, per token step, including the read of the tokens on the host that the engine does. With --kernels, the
-kernels of one compiled step on a GPU, from torch.profiler: where a graph replay's time goes.
+--decode-steps steps (each fed the last one's argmax on the device), and of bursts of as many speculative steps
+(--speculate drafted tokens per row: a forward of k + 1 tokens per row, which emits 1 to k + 1 tokens depending on
+the text). Each figure is the median of --repeats timed runs, per step, including the read of the tokens on the
+host that the engine does. With --kernels, the kernels of one compiled step on a GPU, and of one speculative step,
+from torch.profiler: where a graph replay's time goes.
 
     python bench/decode_step.py --ckpt RUN|PATH                          # CPU: eager and compiled
     python bench/decode_step.py --ckpt RUN --device cuda --kernels       # GPU: also graphs, and the kernels
@@ -22,6 +24,7 @@ from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.sizing import describe
 from lmforge.serve.engine import DecodeGraphs
+from lmforge.serve.speculation import propose_and_verify
 from lmforge.workspace import Workspace
 
 
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--decode-steps", type=int, default=8, metavar="K", help="steps per burst (default 8)")
+    parser.add_argument("--speculate", type=int, default=4, metavar="K",
+                        help="tokens drafted per row in the speculative steps (default 4)")
     parser.add_argument("--position", type=int, default=48, help="cached positions of every row (default 48)")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure (default 50)")
     parser.add_argument("--kernels", action="store_true", help="list the kernels of one compiled step (GPU)")
@@ -64,15 +69,18 @@ def main() -> None:
     model, vocab = loaded.model.eval(), loaded.tokenizer.vocab_size
     if device.type == "cuda":
         model.to(torch.bfloat16).fuse_projections()  # as the engine does
-    if not 0 <= args.position < model.shape.max_seq_len - args.decode_steps:
-        raise LmforgeError(f"--position must leave --decode-steps positions in the context of "
-                           f"{model.shape.max_seq_len}")
+    room = args.decode_steps * (args.speculate + 1)
+    if not 0 <= args.position <= model.shape.max_seq_len - room:
+        raise LmforgeError(f"--position must leave --decode-steps x (--speculate + 1) = {room} positions in the "
+                           f"context of {model.shape.max_seq_len}")
     slots = max(args.batch)
     compiled = torch.compile(model, dynamic=True)
+    verify = torch.compile(propose_and_verify, dynamic=True)
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"{next(model.parameters()).dtype}; model: {describe(model.shape)}")
     print(f"\n{'batch':>5} {'eager':>10} {'compiled':>10} {'graph':>10} {f'graph x{args.decode_steps}':>10}"
-          f"   (us per token step)")
+          f" {f'spec x{args.decode_steps}':>10}   (us per step; a speculative step feeds {args.speculate + 1} tokens "
+          f"per row)")
     with torch.inference_mode():
         for batch in args.batch:
             tokens, positions = [1] * batch, [args.position] * batch
@@ -83,27 +91,39 @@ def main() -> None:
                                            args.repeats))
             if device.type == "cuda":
                 graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps,
-                                      forward=compiled)
+                                      forward=compiled, speculate=args.speculate, verify=verify)
                 graphs.capture()
                 figures.append(per_step_us(functools.partial(one_step, graphs, tokens, positions), device, 1,
                                            args.repeats))
                 figures.append(per_step_us(functools.partial(graphs.ahead, tokens, positions), device,
                                            args.decode_steps, args.repeats))
+                histories = [[1] * (args.position + 1)] * batch
+                figures.append(per_step_us(functools.partial(graphs.speculative, tokens, positions, histories),
+                                           device, args.decode_steps, args.repeats))
             print(f"{batch:>5} " + " ".join(f"{f:>10.1f}" for f in figures))
 
         if args.kernels and device.type == "cuda":
-            eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled)
-            one_step(eager, [1], [args.position])
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                one_step(eager, [1], [args.position])
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            total = sum(e.device_time for e in kernels)
-            print(f"\none compiled step at batch 1: {len(kernels)} kernels and copies, {total:.1f} us on the device")
-            by_name: dict[str, list[float]] = {}
-            for e in kernels:
-                by_name.setdefault(e.name, []).append(e.device_time)
-            for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]:
-                print(f"{sum(times):>8.1f} us {len(times):>3}x  {name[:100]}")
+            eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled, speculate=args.speculate,
+                                 verify=verify)
+            history = [[1] * (args.position + 1)]
+            for what, step in (("compiled step", functools.partial(one_step, eager, [1], [args.position])),
+                               ("speculative step", functools.partial(eager.speculative, [1], [args.position],
+                                                                      history))):
+                step()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    step()
+                print_kernels(f"one {what} at batch 1", prof)
+
+
+def print_kernels(what: str, prof: torch.profiler.profile) -> None:
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels)
+    print(f"\n{what}: {len(kernels)} kernels and copies, {total:.1f} us on the device")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]:
+        print(f"{sum(times):>8.1f} us {len(times):>3}x  {name[:100]}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 9.5): the decode step's own time
-# (bench/decode_step.py), the serving engine's GPU tests (the decode step as CUDA graphs against the eager step,
-# bursts of compiled steps), then bench/serve_bench.py against Hugging Face `generate` twice: the defaults, and the
-# defaults with the concurrent clients in 8 processes instead of 4 (if that serves more, the clients were the limit).
+# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 9): the decode step's own time
+# (bench/decode_step.py: one step, bursts, speculative bursts), bench/serve_bench.py against Hugging Face
+# `generate` with the defaults (speculation on), the serving engine's GPU tests (the decode step as CUDA graphs
+# against the eager step: bursts of compiled steps, speculative bursts), then serve_bench again without
+# speculation, for the comparison.
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
@@ -26,20 +27,24 @@ if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null;
 fi
 
 echo "== the decode step alone (bench/decode_step.py)"
-timeout 90 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
+timeout 100 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
+
+# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16,
+# speculative while every request is greedy, the prefill compiled, the engine in a process of its own); --engine
+# adds the rows without HTTP.
+run_bench() {
+    local limit=$1
+    shift
+    echo "== serve_bench $*"
+    timeout "$limit" python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
+        || failed+=("serve_bench $*")
+}
+run_bench 170 --engine
 
 echo "== GPU tests: serving with CUDA graphs"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
 
-# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16
-# greedy steps, the prefill compiled, the engine in a process of its own); --engine adds the rows without HTTP.
-run_bench() {
-    echo "== serve_bench $*"
-    timeout 160 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
-        || failed+=("serve_bench $*")
-}
-run_bench --engine
-run_bench --client-processes 8
+run_bench 130 --speculate 0
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"

@@ -593,6 +593,10 @@ def main() -> None:
                         help="lmforge's engine in a process of its own (as `lmforge serve --engine-process`)")
     parser.add_argument("--decode-steps", type=int, default=16, metavar="K",
                         help="greedy tokens per scheduler step (as `lmforge serve --decode-steps`)")
+    parser.add_argument("--speculate", type=int, default=4, metavar="K",
+                        help="tokens drafted per step by prompt lookup (as `lmforge serve --speculate`; 0 = off)")
+    parser.add_argument("--speculate-max-batch", type=int, default=0, metavar="N",
+                        help="speculate while at most N sequences run (as `lmforge serve --speculate-max-batch`)")
     parser.add_argument("--client-processes", type=int, metavar="P",
                         help="processes the concurrent rows' HTTP clients are spread over (default: 1 on a CPU, "
                         "where they share its cores with the server; on a GPU 4, as one tops out below the "
@@ -636,12 +640,14 @@ def main() -> None:
     if args.engine:
         engine = Engine.from_checkpoint(ckpt, EngineConfig(max_concurrency=args.concurrency, device=args.device,
                                                            compile=compile_on, cuda_graphs=args.cuda_graphs == "on",
-                                                           decode_steps=steps))
+                                                           decode_steps=steps, speculate=args.speculate,
+                                                           speculate_max_batch=args.speculate_max_batch))
         engine.warm_up()
         engine.start()
     try:
         options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps),
-                   "--engine-process", args.engine_process]
+                   "--engine-process", args.engine_process, "--speculate", str(args.speculate),
+                   "--speculate-max-batch", str(args.speculate_max_batch)]
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
             server_cpu = ServerCPU(server.process.pid)
             start_up = server.start_up()
@@ -656,6 +662,7 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     graphs = f", CUDA graphs {args.cuda_graphs}" if device.type == "cuda" else ""
     graphs += f", compile {'on' if compile_on else 'off'}, decode steps {steps}, engine process {args.engine_process}"
+    graphs += f", speculate {args.speculate} (max batch {args.speculate_max_batch or 'auto'})"
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}{graphs}")
     print(f"model: {describe(shape)}\ncheckpoint: {ckpt}\nserver start-up: {start_up}")

@@ -72,7 +72,7 @@ def test_a_cuda_graph_step_matches_the_eager_step_and_leaves_other_rows_alone(dt
         cache = model.new_kv_cache(8)
         graphs = DecodeGraphs(model, cache, vocab=500, shortest=16)
         assert graphs.capture() > 0
-        assert sorted(graphs.graphs) == [(b, n, 1) for b in (1, 2, 4, 8) for n in (16, 32, 64)]
+        assert sorted(graphs.graphs) == [(b, n, 1, False) for b in (1, 2, 4, 8) for n in (16, 32, 64)]
         cache.k.normal_()  # after the capture, whose warm-up writes position 0 of every row
         cache.v.normal_()
         before = cache.k.clone()
@@ -112,18 +112,22 @@ def mixed_params(engine: Engine) -> list[SamplingParams]:
     return params
 
 
-@pytest.mark.parametrize("steps, compiled", [(1, False), (4, True)], ids=["one-step", "compiled-bursts-of-4"])
-def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact_fp32, steps, compiled):
+@pytest.mark.parametrize("steps, compiled, speculate", [(1, False, 0), (4, True, 0), (4, True, 3)],
+                         ids=["one-step", "compiled-bursts-of-4", "compiled-speculative-bursts-of-4"])
+def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact_fp32, steps, compiled, speculate):
     """fp32, so that the padded batch's other matmul kernels cannot tip a near-tie; 24 rows: batches 1..24 pad to
     1, 2, 4, 8, 16, 24 as requests finish and queued ones join mid-batch. With --decode-steps 4 --compile on, a
     graph also holds 4 compiled steps, each fed the last one's argmax on the device (the penalised and sampled
-    requests make the batch fall back to one step at a time while they run)."""
+    requests make the batch fall back to one step at a time while they run); with --speculate 3 as well, graphs
+    of 4 speculative steps, each feeding 3 drafted tokens per row besides its last one."""
     config = {"max_concurrency": 24, "max_queue": 256, "device": "cuda", "dtype": "fp32"}
     eager = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, cuda_graphs=False)).start()
-    graphed = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, decode_steps=steps, compile=compiled))
+    graphed = Engine.from_checkpoint(serve_checkpoint, EngineConfig(**config, decode_steps=steps, compile=compiled,
+                                                                    speculate=speculate))
     assert eager.decode_graphs is None and graphed.graph_seconds > 0
+    kinds = [(k, False) for k in sorted({1, steps})] + ([(steps, True)] if speculate else [])
     assert sorted(graphed.decode_graphs.graphs) == \
-        [(b, 64, k) for b in (1, 2, 4, 8, 16, 24) for k in sorted({1, steps})]  # context 64: one length
+        sorted((b, 64, k, spec) for b in (1, 2, 4, 8, 16, 24) for k, spec in kinds)  # context 64: one length
     graphed.start()
     params = mixed_params(eager)
     try:
@@ -141,3 +145,5 @@ def test_cuda_graphs_decode_greedy_as_eager_and_as_alone(serve_checkpoint, exact
     finally:
         eager.stop()
         graphed.stop()
+    if speculate:
+        assert graphed.metrics.speculated.labels("accepted")._value.get() > 0

@@ -23,6 +23,7 @@ from lmforge.serve.engine import (
     attend_lengths,
     padded_batch_sizes,
 )
+from lmforge.serve.speculation import draft_tokens
 
 NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 PROMPTS = [f"def {a}_{b}(" for a in NAMES for b in NAMES[:3]]  # 24
@@ -202,3 +203,97 @@ def test_first_tokens_go_out_before_the_burst_that_follows_them(checkpoint):
     with torch.inference_mode():
         engine._step(admitted)
     assert [type(e) for e in delivered] == [Prefilled, Delta] and len(delivered[1].token_ids) == 1
+
+
+# ---- prompt-lookup speculation (--speculate) --------------------------------------------------------------------
+
+def test_drafts_follow_the_latest_longest_match_and_repeat_a_loop():
+    history = torch.full((3, 16), 99)  # 99: positions past each row's last token, never read
+    history[0, :12] = torch.tensor([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3])  # "1 2 3" twice before: the latest wins
+    history[1, :6] = torch.tensor([8, 4, 6, 3, 2, 6])  # only "6" matches: what followed it, then that again
+    history[2, :5] = torch.tensor([4, 5, 4, 5, 4])  # "4 5 4" at 0: then 5 4 and, past the last token, the loop
+    drafts = draft_tokens(history, torch.tensor([11, 5, 4]), k=4)
+    assert drafts.tolist() == [[7, 5, 1, 2], [3, 2, 6, 3], [5, 4, 5, 4]]
+
+
+def test_speculative_steps_emit_exactly_the_greedy_tokens():
+    torch.manual_seed(0)
+    model = Transformer(shape_from_depth(1, 64, 16, head_dim=16)).eval()
+    one, spec = model.new_kv_cache(4), model.new_kv_cache(4)
+    single = DecodeGraphs(model, one, vocab=60, shortest=4)
+    speculating = DecodeGraphs(model, spec, vocab=60, steps=2, speculate=3, shortest=4)
+    tokens, positions = [5, 9, 11], [1, 3, 2]  # 3 rows pad to 4
+    with torch.inference_mode():
+        # the rows' earlier tokens, as history; the caches hold the keys and values of the same ones
+        histories = [[7, 5], [1, 2, 1, 9], [3, 4, 11]]
+        for cache in (one, spec):
+            for i, h in enumerate(histories):
+                model(torch.tensor([h[:-1]]), kv_cache=cache.rows(i, i + 1), start_pos=0)
+        emitted = speculating.speculative(tokens, positions, histories)
+        greedy, fed = [], tokens
+        for k in range(2 * 4):  # the most two steps of 1 + 3 tokens can emit
+            _, argmax = single.step(fed, [p + k for p in positions])
+            fed = argmax.tolist()
+            greedy.append(fed)
+    assert all(2 <= len(e) <= 8 for e in emitted)
+    assert any(len(e) > 2 for e in emitted)  # some draft was accepted (the random model repeats itself)
+    for i, e in enumerate(emitted):
+        assert e == [step[i] for step in greedy[: len(e)]]
+        n = positions[i] + len(e)  # positions the row has cached correctly
+        torch.testing.assert_close(spec.k[:, i, :, :n], one.k[:, i, :, :n])
+
+
+def speculating_config(**config) -> EngineConfig:
+    return EngineConfig(**config, decode_steps=4, speculate=3, speculate_max_batch=6)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded-step"])
+def test_speculation_answers_as_one_step_at_a_time(checkpoint, padded):
+    config = {"max_concurrency": 6, "max_queue": 64}
+    plain = Engine.from_checkpoint(checkpoint, EngineConfig(**config)).start()
+    speculating = Engine.from_checkpoint(checkpoint, speculating_config(**config))
+    if padded:  # the graphs' path: whole bursts while every row has room for them
+        speculating.decode_graphs = DecodeGraphs(speculating.model, speculating.cache, speculating.vocab, steps=4,
+                                                 shortest=8, speculate=3)
+    speculating.start()
+    params = burst_params(plain)
+    try:
+        def full(engine, prompt, q):
+            r = engine.generate(prompt, q)
+            return r.texts, r.token_ids, r.finish_reasons, r.usage.completion_tokens
+        alone = [full(plain, p, q) for p, q in zip(PROMPTS, params)]
+        assert [full(speculating, p, q) for p, q in zip(PROMPTS, params)] == alone
+        handles = [speculating.submit(p, q) for p, q in zip(PROMPTS, params)]
+        together = [h.result(timeout=120) for h in handles]
+        assert [(r.texts, r.token_ids, r.finish_reasons) for r in together] == [a[:3] for a in alone]
+    finally:
+        plain.stop()
+        speculating.stop()
+    drafted = speculating.metrics.speculated.labels("drafted")._value.get()
+    accepted = speculating.metrics.speculated.labels("accepted")._value.get()
+    assert 0 < accepted < drafted
+
+
+def test_speculation_compiled_compiles_nothing_after_warm_up(checkpoint):
+    plain = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4)).start()
+    compiled = Engine.from_checkpoint(checkpoint, speculating_config(max_concurrency=4, compile=True))
+    compiled.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled.start()
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)  # long enough to repeat itself
+    try:
+        alone = [compiled.generate(p, params).token_ids for p in PROMPTS[:3]]
+        together = [h.result(timeout=120).token_ids for h in [compiled.submit(p, params) for p in PROMPTS[3:7]]]
+        assert alone + together == [plain.generate(p, params).token_ids for p in PROMPTS[:7]]
+    finally:
+        plain.stop()
+        compiled.stop()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert compiled.metrics.speculated.labels("accepted")._value.get() > 0
+
+
+def test_speculation_settings_out_of_range_are_refused():
+    with pytest.raises(LmforgeError, match="--speculate must be between 0 and 16"):
+        EngineConfig(speculate=17).validate()
+    with pytest.raises(LmforgeError, match="--speculate-max-batch must be 0"):
+        EngineConfig(speculate_max_batch=-1).validate()

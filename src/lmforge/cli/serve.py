@@ -84,6 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "one wait for the device and one burst of events per K tokens, while every running request is "
                    "greedy without penalties or logprobs; new requests and cancellations wait for the burst "
                    "(default 16; 1 = one token per step)")
+    p.add_argument("--speculate", type=int, default=4, metavar="K",
+                   help="prompt-lookup speculation: while every running request is greedy (without penalties or "
+                   "logprobs), each step feeds a sequence K tokens guessed from its own prompt and output besides its "
+                   "last one, and keeps those the model agrees with; the same text, up to K + 1 tokens per step for "
+                   "about the cost of one on a small model (default 4; 0 = off)")
+    p.add_argument("--speculate-max-batch", type=int, default=0, metavar="N",
+                   help="speculate only while at most N sequences run: at larger batches the extra tokens per "
+                   "step cost more than they save on a CPU (default 0 = auto: 2 on a CPU, all on a GPU)")
     p.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
                    help="run the engine in a process of its own, apart from the HTTP server, so that their Python "
                    "does not take turns under one GIL (as vLLM's engine core); auto = on with a GPU, off on a CPU, "
@@ -196,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           queue_timeout=args.queue_timeout, kv_cache_mb=args.kv_cache_mb, device=device,
                           compile=compile_on, cuda_graphs=args.cuda_graphs == "on",
-                          decode_steps=args.decode_steps)
+                          decode_steps=args.decode_steps, speculate=args.speculate,
+                          speculate_max_batch=args.speculate_max_batch)
     config.validate()
     api_keys = read_api_keys(args.api_key_file) if args.api_key_file is not None else None
     guard = load_guard(args.guard) if args.guard is not None else None
@@ -212,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
                   "max_queue": args.max_queue, "queue_timeout": args.queue_timeout, "kv_cache_mb": args.kv_cache_mb,
                   "max_body_mb": args.max_body_mb, "device": args.device, "compile": compile_on,
                   "cuda_graphs": args.cuda_graphs == "on", "decode_steps": config.decode_steps,
+                  "speculate": config.speculate, "speculate_max_batch": config.speculate_max_batch,
                   "guard": None if guard is None else guard.policy.source, "engine_process": own_process}
     run_id = ledger.start_run(f"serve-{model}-{time.strftime('%Y%m%d-%H%M%S')}", "serve", run_config,
                               {**describe_machine(), "device": device}, str(path))

@@ -56,6 +56,7 @@ from lmforge.model.sampling import sample_next
 from lmforge.model.sizing import forward_flops_per_token
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.metrics import ServeMetrics
+from lmforge.serve.speculation import propose_and_verify
 from lmforge.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ POWER_WINDOW_S = 0.1  # the energy counter is read at most this often
 GRAPH_MIN_ATTEND = 256
 IDLE_WAIT_S = 0.25  # an idle engine looks for a stop this often
 MAX_DECODE_STEPS = 64  # --decode-steps: more only delays admission and cancellation further
+MAX_SPECULATE = 16  # --speculate: drafts that long are almost never accepted whole
+# --speculate-max-batch auto on a CPU: there a forward of 5 tokens per row costs 1.5x one of 1 at batch 1, and
+# 2.5x at batch 8, while drafts add about 1.3 tokens per row and step on the demo model (bench/RESULTS.md)
+CPU_SPECULATE_MAX_BATCH = 2
 
 
 class InvalidRequest(ValueError):
@@ -96,6 +101,9 @@ class EngineConfig:
     # with CUDA graphs, the graphs capture the compiled step
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (DecodeGraphs); no effect on a CPU
     decode_steps: int = 1  # greedy tokens decoded per scheduler step, fed back on the device (see Engine._decode)
+    speculate: int = 0  # tokens drafted per sequence and step by prompt lookup (serve/speculation.py); 0 = off
+    speculate_max_batch: int = 0  # speculate while at most this many sequences run; 0 = auto (2 on a CPU, all on
+    # a GPU)
 
     def validate(self) -> None:
         for name in ("max_concurrency", "max_queue"):
@@ -105,6 +113,10 @@ class EngineConfig:
             raise LmforgeError("--queue-timeout must be > 0 and --kv-cache-mb >= 0")
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise LmforgeError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}, got {self.decode_steps}")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise LmforgeError(f"--speculate must be between 0 and {MAX_SPECULATE}, got {self.speculate}")
+        if self.speculate_max_batch < 0:
+            raise LmforgeError(f"--speculate-max-batch must be 0 (auto) or more, got {self.speculate_max_batch}")
 
 
 def prefill_logits(model: Transformer, idx: torch.Tensor, view: KVCache, start_pos: torch.Tensor,
@@ -113,6 +125,20 @@ def prefill_logits(model: Transformer, idx: torch.Tensor, view: KVCache, start_p
     the float logits (B, vocab) at positions last (B,). A function of its own, so that compiled it has its own
     versions."""
     return model(idx, kv_cache=view, start_pos=start_pos, logits_at=last)[:, 0, :vocab].float()
+
+
+def static_dims(view: KVCache) -> KVCache:
+    """`view` for a function compiled with dynamic shapes, its layer, head, length and head-size dims marked
+    static. As symbols, the compiler would equate them with any batch size or prompt width that happens to be equal
+    while it traces (duck sizing): a 2-token warm-up prompt in a 2-layer model would compile a prefill for prompts
+    as wide as the model has layers, and the first real prompt would compile another."""
+    for cached in (view.k, view.v):
+        for dim in (0, 2, 3, 4):
+            torch._dynamo.mark_static(cached, dim)
+        if cached._base is not None:  # the whole pool, which the compiler sees behind a view: all static
+            for dim in range(cached._base.dim()):
+                torch._dynamo.mark_static(cached._base, dim)
+    return view
 
 
 def start_work(config: EngineConfig) -> str | None:
@@ -383,25 +409,46 @@ class DecodeGraphs:
     With `steps` > 1 a graph also holds that many greedy steps back to back: each feeds the argmax it computed to
     the next at the next position, and the tokens of all of them come out together (`ahead`).
 
+    With `speculate` = k > 0, more graphs hold `steps` speculative steps (serve/speculation.py): each feeds every
+    row its last token and k drafted ones, and emits 1 to k + 1 greedy tokens per row (`speculative`). A row
+    advances by up to steps * (k + 1) positions, which the caller keeps inside the cache.
+
     `forward` is the model or its torch.compile'd self (the graphs then replay the compiled kernels). Without CUDA
     the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, vocab: int, *, steps: int = 1,
-                 shortest: int = GRAPH_MIN_ATTEND, forward: Callable[..., torch.Tensor] | None = None):
+                 shortest: int = GRAPH_MIN_ATTEND, forward: Callable[..., torch.Tensor] | None = None,
+                 speculate: int = 0, verify: Callable[..., torch.Tensor] = propose_and_verify):
         slots, device = cache.batch_size, cache.k.device
         self.model, self.cache, self.vocab, self.steps = model, cache, vocab, steps
         self.forward = model if forward is None else forward
+        # speculative graphs only where a burst of them fits in the cache
+        self.speculate = speculate if steps * (speculate + 1) <= cache.max_len else 0
+        self.verify = verify  # propose_and_verify or its torch.compile'd self
         self.batch_sizes = padded_batch_sizes(slots)
         self.lengths = attend_lengths(cache.max_len, shortest)
-        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (batch, length, steps) -> graph
+        # (batch, length, steps, speculative) -> graph
+        self.graphs: dict[tuple[int, int, int, bool], torch.cuda.CUDAGraph] = {}
+        pinned = device.type == "cuda"
         # each slot's token (row 0) and position (row 1): written on the host, copied to the device in one piece
-        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=pinned)
         self._host_rows = self._host.numpy()
         self._inputs = torch.zeros(2, slots, dtype=torch.long, device=device)
         self._logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)  # (slots, V)
         self._argmax = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
         self._ahead = torch.zeros(steps, slots, dtype=torch.long, device=device)  # (steps, slots) greedy tokens
+        if self.speculate:  # each slot's tokens by position (up to one past the cache), and a burst's output
+            width = cache.max_len + 1
+            self._host_history = torch.zeros(slots, width, dtype=torch.long, pin_memory=pinned)
+            self._host_history_rows = self._host_history.numpy()
+            self._history = torch.zeros(slots, width, dtype=torch.long, device=device)
+            # the tokens and positions a speculative step feeds: apart from _inputs, so that the compiled step
+            # never takes two views of one tensor (it updates the tokens in place)
+            self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
+            self._positions = torch.zeros(slots, dtype=torch.long, device=device)
+            self._out = torch.zeros(slots, steps * (self.speculate + 1), dtype=torch.long, device=device)
+            self._count = torch.zeros(slots, dtype=torch.long, device=device)
 
     def bucket(self, batch: int, furthest: int) -> tuple[int, int]:
         """The (batch, attended length) a step of `batch` rows runs at when its furthest row has `furthest` cached."""
@@ -414,25 +461,26 @@ class DecodeGraphs:
         The largest graphs are captured first and the others share their memory pool (they never run together).
         """
         start = time.perf_counter()
-        shapes = sorted(((b, n, k) for b in self.batch_sizes for n in self.lengths for k in {1, self.steps}),
+        kinds = [(k, False) for k in {1, self.steps}] + ([(self.steps, True)] if self.speculate else [])
+        shapes = sorted(((b, n, k, spec) for b in self.batch_sizes for n in self.lengths for k, spec in kinds),
                         reverse=True)
         self._host.zero_()
         self._inputs.zero_()
         side = torch.cuda.Stream(self._inputs.device)  # capture needs a stream other than the default one
         side.wait_stream(torch.cuda.current_stream(self._inputs.device))
         with torch.cuda.stream(side):
-            for b, n, k in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded, compiling) happens here
+            for shape in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded, compiling) happens here
                 self._inputs.zero_()
-                self._run(b, n, k)
+                self._run(*shape)
         torch.cuda.current_stream(self._inputs.device).wait_stream(side)
         pool = None
-        for b, n, k in shapes:
+        for shape in shapes:
             graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls from other threads (an HTTP server, a tokenizer) do not break the capture
             with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                self._run(b, n, k)
+                self._run(*shape)
             pool = pool or graph.pool()
-            self.graphs[b, n, k] = graph
+            self.graphs[shape] = graph
         torch.cuda.synchronize(self._inputs.device)
         return time.perf_counter() - start
 
@@ -449,8 +497,11 @@ class DecodeGraphs:
             self._logits[:batch].copy_(logits)
         torch.argmax(logits, dim=-1, out=tokens)
 
-    def _run(self, batch: int, length: int, steps: int) -> None:
-        """`steps` padded steps, each fed the previous one's argmax at the next position."""
+    def _run(self, batch: int, length: int, steps: int, speculative: bool = False) -> None:
+        """`steps` padded steps, each fed the previous one's argmax at the next position (or speculative steps)."""
+        if speculative:
+            self._speculate(batch, length, steps)
+            return
         if steps == 1:
             self._forward(batch, length, self._argmax[:batch], keep_logits=True)
             return
@@ -460,12 +511,27 @@ class DecodeGraphs:
                 self._inputs[0, :batch].copy_(self._ahead[k, :batch])
                 self._inputs[1, :batch] += 1
 
-    def _replay(self, batch: int, length: int, steps: int) -> None:
-        graph = self.graphs.get((batch, length, steps))
+    def _speculate(self, batch: int, length: int, steps: int) -> None:
+        """`steps` padded speculative steps from the tokens and positions in _inputs and the history in _history:
+        the emitted tokens go to _out, how many to _count."""
+        view = static_dims(self.cache.rows(0, batch))
+        view.attend_len = length
+        tokens, positions, count = self._tokens[:batch], self._positions[:batch], self._count[:batch]
+        tokens.copy_(self._inputs[0, :batch])
+        positions.copy_(self._inputs[1, :batch])
+        count.zero_()
+        for _ in range(steps):
+            advance = self.verify(self.model, tokens, positions, self._history[:batch], self._out[:batch], count,
+                                  view, self.vocab, self.speculate)
+            view.commit(positions)
+            positions += advance
+
+    def _replay(self, batch: int, length: int, steps: int, speculative: bool = False) -> None:
+        graph = self.graphs.get((batch, length, steps, speculative))
         if graph is not None:
             graph.replay()
         else:  # not captured (a CPU): the same steps, eagerly
-            self._run(batch, length, steps)
+            self._run(batch, length, steps, speculative)
 
     def _load(self, tokens: list[int], positions: list[int]) -> None:
         B = len(tokens)
@@ -491,6 +557,22 @@ class DecodeGraphs:
         self._load(tokens, positions)
         self._replay(b, n, self.steps)
         return self._ahead[:, :B].tolist()
+
+    def speculative(self, tokens: list[int], positions: list[int], histories: list[list[int]]) -> list[list[int]]:
+        """`self.steps` speculative steps from rows 0..B-1's tokens at their positions, histories[i] being row i's
+        tokens at positions 0..positions[i]: each row's emitted greedy tokens (1 to k + 1 per step), on the host.
+        Row i then has written up to positions[i] + steps * (k + 1) - 1, so these must fit in the cache."""
+        B = len(tokens)
+        b, n = self.bucket(B, max(positions) + self.steps * (self.speculate + 1))
+        self._load(tokens, positions)
+        rows = self._host_history_rows
+        for i, history in enumerate(histories):
+            rows[i, : len(history)] = history
+        rows[B:b] = 0  # padding rows: token 0 from position 0, as in _load
+        self._history[:b].copy_(self._host_history[:b], non_blocking=True)
+        self._replay(b, n, self.steps, speculative=True)
+        counts = self._count[:B].tolist()
+        return [row[:count] for row, count in zip(self._out[:B].tolist(), counts)]
 
 
 class RequestChecker:
@@ -629,13 +711,17 @@ class Engine(RequestChecker):
         # apart: torch.compile keeps at most 8 versions of a function, and on a GPU the decode graphs take 6
         self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
+        self._verify = torch.compile(propose_and_verify, dynamic=True) if config.compile else propose_and_verify
+        self.speculate_max_batch = config.speculate_max_batch or \
+            (rows if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
         self.graph_seconds = 0.0  # spent capturing them (and compiling, with compile)
         if config.cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
-                                              forward=self._decode_model)
+                                              forward=self._decode_model, speculate=config.speculate,
+                                              verify=self._verify)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
@@ -696,6 +782,11 @@ class Engine(RequestChecker):
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
+                if self.config.speculate:  # the speculative step, up to the batch it runs at
+                    for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7), (self.slots, 6)):
+                        batch = min(batch, self.slots, self.speculate_max_batch)
+                        self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch,
+                                                [0] * batch, self.config.decode_steps)
             for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
                 batch = min(batch, self.slots)
                 self._prefill_logits(self.cache.rows(0, batch),
@@ -938,7 +1029,7 @@ class Engine(RequestChecker):
         view.attend_len = 0  # nothing cached before the prompts
         zeros = torch.zeros(idx.size(0), dtype=torch.long, device=self.device)
         try:
-            logits = self._prefill_forward(self.model, idx, view, zeros, last, self.vocab)
+            logits = self._prefill_forward(self.model, idx, static_dims(view), zeros, last, self.vocab)
         except Exception as e:
             if not self.prefill_compiled or isinstance(e, torch.OutOfMemoryError):  # not the compiler's doing
                 raise
@@ -964,6 +1055,10 @@ class Engine(RequestChecker):
         the tokens after it, so outputs are those of one token per step. New requests and cancellations wait for
         the burst's end.
         """
+        forwards = self._speculative_forwards()
+        if forwards:
+            self._decode_speculative(forwards)
+            return
         steps = self._steps_ahead()
         if steps > 1:
             self._decode_ahead(steps)
@@ -1003,18 +1098,93 @@ class Engine(RequestChecker):
         never past the end of a row's cache. The graphs run whole bursts of `decode_steps` (their tokens past a
         sequence's end are dropped); eager steps stop when the sequence with the most tokens to go is done."""
         most = self.config.decode_steps
-        if most == 1:
+        if most == 1 or not self._plain_greedy():
             return 1
         room, to_go = most, 1
         for s in self._running:
             p = s.request.params
-            if p.temperature >= GREEDY_BELOW or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
-                return 1
             room = min(room, self.context_len - s.cached)  # positions cached .. cached + steps - 1 are written
             to_go = max(to_go, self.context_len if p.max_tokens is None else p.max_tokens - len(s.out_ids))
         if self.decode_graphs is not None:
             return most if room == most else 1
         return max(1, min(room, to_go))
+
+    def _plain_greedy(self) -> bool:
+        """Every running sequence is greedy, and none needs its logits (penalties, log-probabilities)."""
+        return not any(p.temperature >= GREEDY_BELOW or p.presence_penalty or p.frequency_penalty or
+                       p.logprobs is not None for p in (s.request.params for s in self._running))
+
+    def _speculative_forwards(self) -> int:
+        """Speculative steps the running batch takes at once (0: none, decode as usual). Speculation needs what
+        bursts need (_steps_ahead), at most speculate_max_batch sequences, and room in every row's cache for
+        `decode_steps` steps that each advance it by up to k + 1 positions."""
+        k, forwards = self.config.speculate, self.config.decode_steps
+        if not k or len(self._running) > self.speculate_max_batch or not self._plain_greedy():
+            return 0
+        if any(s.cached + forwards * (k + 1) > self.context_len for s in self._running):
+            return 0
+        if self.decode_graphs is not None and not self.decode_graphs.speculate:
+            return 0
+        return forwards
+
+    def _decode_speculative(self, forwards: int) -> None:
+        """Up to `forwards` speculative steps for every running sequence (serve/speculation.py): each emits 1 to
+        k + 1 greedy tokens per sequence, the tokens one-token steps would have produced. As in a burst
+        (_decode_ahead), tokens past a sequence's end are dropped, and the text goes out at the burst's end."""
+        started = time.monotonic()
+        seqs = self._running
+        k = self.config.speculate
+        tokens, positions = [s.last_token for s in seqs], [s.cached for s in seqs]
+        histories = [s.request.prompt_ids + s.out_ids for s in seqs]  # each row's tokens at positions 0..cached
+        if self.decode_graphs is not None:
+            emitted = self.decode_graphs.speculative(tokens, positions, histories)
+        else:
+            to_go = [self.context_len if s.request.params.max_tokens is None else
+                     s.request.params.max_tokens - len(s.out_ids) for s in seqs]
+            emitted, forwards = self._speculate_eagerly(tokens, positions, histories, to_go, forwards)
+        ended = time.monotonic()
+        counts = [len(e) for e in emitted]
+        # every row ran every step, k + 1 tokens each, at about its position halfway through the burst
+        self._account(seqs, [forwards * (k + 1)] * len(seqs), ended - started,
+                      keys=[s.cached + n // 2 for s, n in zip(seqs, counts)])
+        self.metrics.speculated.labels("drafted").inc(forwards * k * len(seqs))
+        self.metrics.speculated.labels("accepted").inc(sum(counts) - forwards * len(seqs))
+        longest = max(counts)
+        for j in range(longest):
+            live = [i for i, s in enumerate(seqs) if j < counts[i] and s.finish_reason is None]
+            if not live:
+                break
+            fed = [seqs[i] for i in live]
+            for s in fed:
+                s.cached += 1
+            now = started + (ended - started) * (j + 1) / longest  # each token at its share of the burst
+            self._append(fed, [emitted[i][j] for i in live], None, now=now, emit=False)
+        for s in seqs:
+            if s.finish_reason is None:
+                self._emit(s)
+
+    def _speculate_eagerly(self, tokens: list[int], positions: list[int], histories: list[list[int]],
+                           to_go: list[int], forwards: int) -> tuple[list[list[int]], int]:
+        """Speculative steps for rows 0..B-1 without graphs (a CPU), stopping once every row has emitted to_go[i]
+        tokens, as many as its sequence may still produce: each row's emitted tokens, and the steps taken."""
+        B, k = len(tokens), self.config.speculate
+        history = torch.zeros(B, self.context_len + 1, dtype=torch.long)
+        for i, h in enumerate(histories):
+            history[i, : len(h)] = torch.tensor(h)
+        history, tokens, positions, to_go = (t.to(self.device) for t in (
+            history, torch.tensor(tokens), torch.tensor(positions), torch.tensor(to_go)))
+        out = torch.zeros(B, forwards * (k + 1), dtype=torch.long, device=self.device)
+        count = torch.zeros(B, dtype=torch.long, device=self.device)
+        view = static_dims(self.cache.rows(0, B))
+        for step in range(forwards):
+            view.attend_len = max(2, int(positions.max()))  # every row's cached positions
+            advance = self._verify(self.model, tokens, positions, history, out, count, view, self.vocab, k)
+            view.commit(positions)
+            positions += advance
+            if bool((count >= to_go).all()):
+                break
+        counts = count.tolist()
+        return [row[:n] for row, n in zip(out.tolist(), counts)], step + 1
 
     def _decode_ahead(self, steps: int) -> None:
         """`steps` greedy tokens for every running sequence (see _decode)."""
@@ -1196,19 +1366,23 @@ class Engine(RequestChecker):
         out += [self._token_logprob(logprobs[t], ids[t + 1], top) for t in range(len(ids) - 1)]
         return out
 
-    def _account(self, seqs: list[Sequence], fed: list[int], seconds: float) -> None:
-        """Share one forward pass's time and energy among its sequences by tokens fed; count FLOPs per token."""
+    def _account(self, seqs: list[Sequence], fed: list[int], seconds: float, keys: list[int] | None = None) -> None:
+        """Share one forward pass's time and energy among its sequences by tokens fed; count FLOPs per token.
+
+        keys: the cached positions each sequence's tokens attend to, where they are decoded several at a time
+        (speculation); otherwise a prompt of n tokens counts n x n, and a decoded token its position."""
         energy = self._power() * seconds
         total = sum(fed)
         flops = 0.0
-        for s, n in zip(seqs, fed):
+        for i, (s, n) in enumerate(zip(seqs, fed)):
             share = n / total
             r = s.request
             r.device_seconds += seconds * share
             r.energy_j += energy * share
             # a prompt counts a full n x n attention (PaLM's convention, as in training); a decoded token attends
             # to its position's worth of keys
-            f = n * (self._flops_base + self._flops_per_key * (n if n > 1 else s.cached))
+            attended = keys[i] if keys is not None else n if n > 1 else s.cached
+            f = n * (self._flops_base + self._flops_per_key * attended)
             r.flops += f
             flops += f
         self.metrics.flops.inc(flops)

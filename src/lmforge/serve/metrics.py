@@ -46,6 +46,8 @@ class ServeMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("lmforge_request_latency_seconds", "From arrival to the last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.speculated = Counter("lmforge_speculated_tokens", "Tokens drafted by speculation (--speculate), and "
+                                  "how many of them the model accepted", ["outcome"], registry=r)
         self.flops = Counter("lmforge_flops", "Model FLOPs spent on requests (forward passes)", registry=r)
         self.device_seconds = Counter("lmforge_device_seconds", "Device time spent in forward passes", registry=r)
         self.energy = Counter("lmforge_energy_joules", "Energy of the forward passes; source 'measured' or "
