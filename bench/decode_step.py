@@ -82,6 +82,10 @@ def main() -> None:
           f" {f'spec x{args.decode_steps}':>10}   (us per step; a speculative step feeds {args.speculate + 1} tokens "
           f"per row)")
     with torch.inference_mode():
+        if device.type == "cuda":  # every batch size's graphs, captured once
+            graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps, forward=compiled,
+                                  speculate=args.speculate, verify=verify)
+            graphs.capture()
         for batch in args.batch:
             tokens, positions = [1] * batch, [args.position] * batch
             figures = []
@@ -90,9 +94,6 @@ def main() -> None:
                 figures.append(per_step_us(functools.partial(one_step, eager, tokens, positions), device, 1,
                                            args.repeats))
             if device.type == "cuda":
-                graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps,
-                                      forward=compiled, speculate=args.speculate, verify=verify)
-                graphs.capture()
                 figures.append(per_step_us(functools.partial(one_step, graphs, tokens, positions), device, 1,
                                            args.repeats))
                 figures.append(per_step_us(functools.partial(graphs.ahead, tokens, positions), device,
