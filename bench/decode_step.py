@@ -24,7 +24,7 @@ from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.sizing import describe
 from lmforge.serve.engine import DecodeGraphs
-from lmforge.serve.speculation import propose_and_verify
+from lmforge.serve.speculation import compiled_propose_and_verify
 from lmforge.workspace import Workspace
 
 
@@ -75,7 +75,7 @@ def main() -> None:
                            f"context of {model.shape.max_seq_len}")
     slots = max(args.batch)
     compiled = torch.compile(model, dynamic=True)
-    verify = torch.compile(propose_and_verify, dynamic=True)
+    verify = compiled_propose_and_verify()
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"{next(model.parameters()).dtype}; model: {describe(model.shape)}")
     print(f"\n{'batch':>5} {'eager':>10} {'compiled':>10} {'graph':>10} {f'graph x{args.decode_steps}':>10}"

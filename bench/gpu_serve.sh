@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 9): the decode step's own time
-# (bench/decode_step.py: one step, bursts, speculative bursts), bench/serve_bench.py against Hugging Face
-# `generate` with the defaults (speculation on), the serving engine's GPU tests (the decode step as CUDA graphs
-# against the eager step: bursts of compiled steps, speculative bursts), then serve_bench again without
-# speculation, for the comparison.
+# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 7.5): bench/serve_bench.py
+# against Hugging Face `generate` with the defaults (speculation on), the decode step's own time
+# (bench/decode_step.py: one step, bursts, speculative bursts, and their kernels), then the serving engine's GPU
+# tests (the decode step as CUDA graphs against the eager step: bursts of compiled steps, speculative bursts).
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
+#   bash bench/gpu_serve.sh --speculate 0                     # arguments go to serve_bench
 #   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
 #
 # Needs a CUDA build of torch with transformers and lmforge's other dependencies except the serving ones, which it
@@ -26,25 +26,17 @@ if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null;
         || exit 1
 fi
 
-echo "== the decode step alone (bench/decode_step.py)"
-timeout 100 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
-
 # 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16,
-# speculative while every request is greedy, the prefill compiled, the engine in a process of its own); --engine
-# adds the rows without HTTP.
-run_bench() {
-    local limit=$1
-    shift
-    echo "== serve_bench $*"
-    timeout "$limit" python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" \
-        || failed+=("serve_bench $*")
-}
-run_bench 170 --engine
+# speculative while every request is greedy, the prefill compiled, the engine in a process of its own). Extra
+# arguments go to serve_bench (--engine adds the rows without HTTP; --speculate 0 turns speculation off).
+echo "== serve_bench $*"
+timeout 200 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" || failed+=("serve_bench")
+
+echo "== the decode step alone (bench/decode_step.py)"
+timeout 90 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
 
 echo "== GPU tests: serving with CUDA graphs"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graph || failed+=("GPU tests")
-
-run_bench 130 --speculate 0
+timeout 140 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_gpu.py -k graph || failed+=("GPU tests")
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"

@@ -56,7 +56,7 @@ from lmforge.model.sampling import sample_next
 from lmforge.model.sizing import forward_flops_per_token
 from lmforge.model.transformer import KVCache, Transformer
 from lmforge.serve.metrics import ServeMetrics
-from lmforge.serve.speculation import propose_and_verify
+from lmforge.serve.speculation import compiled_propose_and_verify, propose_and_verify
 from lmforge.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -468,8 +468,20 @@ class DecodeGraphs:
         self._inputs.zero_()
         side = torch.cuda.Stream(self._inputs.device)  # capture needs a stream other than the default one
         side.wait_stream(torch.cuda.current_stream(self._inputs.device))
-        with torch.cuda.stream(side):
-            for shape in shapes:  # lazy initialisation (cuBLAS handles, kernels loaded, compiling) happens here
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, kernels loaded, compiling) happens here
+            if self.speculate:  # the newest part: a server without speculation rather than none
+                try:
+                    for shape in (shape for shape in shapes if shape[3]):
+                        self._inputs.zero_()
+                        self._run(*shape)
+                except Exception as e:
+                    if isinstance(e, torch.OutOfMemoryError):
+                        raise
+                    log.warning("the speculative step failed to compile, so speculation is off: %s: %s",
+                                type(e).__name__, e)
+                    self.speculate = 0
+                    shapes = [shape for shape in shapes if not shape[3]]
+            for shape in (shape for shape in shapes if not shape[3]):
                 self._inputs.zero_()
                 self._run(*shape)
         torch.cuda.current_stream(self._inputs.device).wait_stream(side)
@@ -711,7 +723,7 @@ class Engine(RequestChecker):
         # apart: torch.compile keeps at most 8 versions of a function, and on a GPU the decode graphs take 6
         self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
-        self._verify = torch.compile(propose_and_verify, dynamic=True) if config.compile else propose_and_verify
+        self._verify = compiled_propose_and_verify() if config.compile else propose_and_verify
         self.speculate_max_batch = config.speculate_max_batch or \
             (rows if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row

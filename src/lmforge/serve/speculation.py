@@ -73,3 +73,9 @@ def propose_and_verify(model: Transformer, tokens: torch.Tensor, positions: torc
     count += advance
     tokens.copy_(greedy.gather(1, accepted[:, None])[:, 0])
     return advance
+
+
+def compiled_propose_and_verify():
+    """propose_and_verify under torch.compile with dynamic shapes, without Inductor's memory-coalescing analysis of
+    its Triton kernels, which asserts on this function's dynamic shapes on CUDA (torch 2.11)."""
+    return torch.compile(propose_and_verify, dynamic=True, options={"triton.coalesce_tiling_analysis": False})
