@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8, metavar="K", help="steps per burst (default 8)")
     parser.add_argument("--speculate", type=int, default=4, metavar="K",
                         help="tokens drafted per row in the speculative steps (default 4)")
+    parser.add_argument("--speculate-max-batch", type=int, default=1, metavar="N",
+                        help="time speculative steps up to this batch size (default 1: each larger padded batch "
+                        "size is one more compile of the speculative step)")
     parser.add_argument("--position", type=int, default=48, help="cached positions of every row (default 48)")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure (default 50)")
     parser.add_argument("--kernels", action="store_true", help="list the kernels of one compiled step (GPU)")
@@ -84,7 +87,8 @@ def main() -> None:
     with torch.inference_mode():
         if device.type == "cuda":  # every batch size's graphs, captured once
             graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps, forward=compiled,
-                                  speculate=args.speculate, verify=verify)
+                                  speculate=args.speculate, speculate_max_batch=args.speculate_max_batch,
+                                  verify=verify)
             graphs.capture()
         for batch in args.batch:
             tokens, positions = [1] * batch, [args.position] * batch
@@ -98,9 +102,10 @@ def main() -> None:
                                            args.repeats))
                 figures.append(per_step_us(functools.partial(graphs.ahead, tokens, positions), device,
                                            args.decode_steps, args.repeats))
-                histories = [[1] * (args.position + 1)] * batch
-                figures.append(per_step_us(functools.partial(graphs.speculative, tokens, positions, histories),
-                                           device, args.decode_steps, args.repeats))
+                if batch <= args.speculate_max_batch:
+                    histories = [[1] * (args.position + 1)] * batch
+                    figures.append(per_step_us(functools.partial(graphs.speculative, tokens, positions, histories),
+                                               device, args.decode_steps, args.repeats))
             print(f"{batch:>5} " + " ".join(f"{f:>10.1f}" for f in figures))
 
         if args.kernels and device.type == "cuda":

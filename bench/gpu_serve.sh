@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (about 5 minutes, at most 7.5): bench/serve_bench.py
-# against Hugging Face `generate` with the defaults (speculation on), the decode step's own time
-# (bench/decode_step.py: one step, bursts, speculative bursts, and their kernels), then the serving engine's GPU
-# tests (the decode step as CUDA graphs against the eager step: bursts of compiled steps, speculative bursts).
+# GPU check of serving, in one go on a fresh GPU machine (at most 9.5 minutes): the serving engine's GPU tests (the
+# decode step as CUDA graphs against the eager step: bursts of compiled steps, speculative bursts), the decode
+# step's own time (bench/decode_step.py: one step, bursts, speculative bursts at batch 1, and their kernels), then
+# bench/serve_bench.py against Hugging Face `generate`, speculating at batch 1 (on a GPU speculation is off by
+# default until measured there: bench/RESULTS.md).
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   bash bench/gpu_serve.sh --speculate 0                     # arguments go to serve_bench
-#   CKPT=lmforge-work/runs/my-run ROUNDS=5 bash bench/gpu_serve.sh
+#   CKPT=lmforge-work/runs/my-run ROUNDS=5 SPECULATE_MAX_BATCH=2 bash bench/gpu_serve.sh
 #
 # Needs a CUDA build of torch with transformers and lmforge's other dependencies except the serving ones, which it
 # installs from the wheels in .whl (no network: pip --no-index). lmforge runs from src/. The default checkpoint is
@@ -16,6 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 CKPT=${CKPT:-lmforge-work/gpu-serve/runs/stdlib-d2-20261126-034509/checkpoints/step_00000164}
 ROUNDS=${ROUNDS:-3}
+SPECULATE_MAX_BATCH=${SPECULATE_MAX_BATCH:-1}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS=160
 failed=()
 
@@ -26,17 +28,20 @@ if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null;
         || exit 1
 fi
 
-# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16,
-# speculative while every request is greedy, the prefill compiled, the engine in a process of its own). Extra
-# arguments go to serve_bench (--engine adds the rows without HTTP; --speculate 0 turns speculation off).
-echo "== serve_bench $*"
-timeout 200 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" "$@" || failed+=("serve_bench")
+echo "== GPU tests: serving with CUDA graphs"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_gpu.py -k graph || failed+=("GPU tests")
 
 echo "== the decode step alone (bench/decode_step.py)"
-timeout 90 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels || failed+=("decode_step")
+timeout 120 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels \
+    --speculate-max-batch "$SPECULATE_MAX_BATCH" || failed+=("decode_step")
 
-echo "== GPU tests: serving with CUDA graphs"
-timeout 140 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_gpu.py -k graph || failed+=("GPU tests")
+# 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16,
+# the prefill compiled, the engine in a process of its own), speculating while at most $SPECULATE_MAX_BATCH
+# requests run. Extra arguments go to serve_bench (--engine adds the rows without HTTP, at the cost of a second
+# start-up). It reports its progress on stderr, so a run cut short still says how far it got.
+echo "== serve_bench --speculate-max-batch $SPECULATE_MAX_BATCH $*"
+timeout 290 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" \
+    --speculate-max-batch "$SPECULATE_MAX_BATCH" "$@" || failed+=("serve_bench")
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"

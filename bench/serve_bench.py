@@ -537,8 +537,9 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
             await all_at_once(client, prompts, min(M, WARMUP_TOKENS))
         hf_generate(hf, prompt_ids[:1], M, tokenizer)
         hf_generate(hf, prompt_ids, min(M, WARMUP_TOKENS), tokenizer)
+        progress("warmed up")
 
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             rows[0].add_sequential(await one_at_a_time(clients[0], single, M))
             rows[1].add_sequential([hf_generate(hf, prompt_ids[i : i + 1], M, tokenizer) for i in range(len(single))])
             rows[2].add_together(await server_cpu.measure(concurrent_http(M, args.back_to_back),
@@ -548,11 +549,18 @@ async def measure(args: argparse.Namespace, server: Server, engine: Engine | Non
                 rows[4].add_sequential(await one_at_a_time(clients[1], single, M))
                 rows[5].add_together(await all_at_once(clients[1], prompts, M, args.back_to_back),
                                      C * args.back_to_back)
+            progress(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{row.label} {row.tok_s[-1]:.0f} tok/s"
+                                                                   for row in rows))
     finally:
         await clients[0].close()
         if spread is not None:
             await spread.close()
     return rows
+
+
+def progress(message: str) -> None:
+    """A line on stderr while the benchmark runs, so that a run cut short still says how far it got."""
+    print(f"serve_bench: {message}", file=sys.stderr, flush=True)
 
 
 def print_table(rows: list[Row], hf_rows: list[Row | None]) -> None:
@@ -644,6 +652,7 @@ def main() -> None:
                                                            speculate_max_batch=args.speculate_max_batch))
         engine.warm_up()
         engine.start()
+        progress("the in-process engine is ready")
     try:
         options = ["--cuda-graphs", args.cuda_graphs, "--compile", args.compile, "--decode-steps", str(steps),
                    "--engine-process", args.engine_process, "--speculate", str(args.speculate),
@@ -651,6 +660,7 @@ def main() -> None:
         with Server(ckpt, args.port or free_port(), args.concurrency, args.device, options) as server:
             server_cpu = ServerCPU(server.process.pid)
             start_up = server.start_up()
+            progress(f"server ready: {start_up}")
             rows = asyncio.run(measure(args, server, engine, hf, prompts, prompt_ids.to(device), tokenizer,
                                        server_cpu))
     finally:

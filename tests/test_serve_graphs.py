@@ -45,6 +45,13 @@ def test_batch_sizes_and_lengths_cover_every_step():
     assert graphs.bucket(5, 5) == (6, 8)
     assert graphs.bucket(6, 15) == (6, 16)  # the furthest a decoding row gets: context - 1
 
+    # speculative graphs at the padded sizes that cover --speculate-max-batch rows, where a burst fits the context
+    speculating = [DecodeGraphs(model, model.new_kv_cache(6), vocab=64, steps=2, speculate=3, speculate_max_batch=n)
+                   for n in (None, 0, 1, 3)]
+    assert [(g.speculate, g.speculate_batches) for g in speculating] == \
+        [(3, [1, 2, 4, 6]), (0, []), (3, [1]), (3, [1, 2, 4])]
+    assert DecodeGraphs(model, model.new_kv_cache(6), vocab=64, steps=5, speculate=3).speculate == 0  # 20 > 16
+
 
 def test_a_padded_step_matches_the_model_and_leaves_other_rows_alone():
     torch.manual_seed(0)

@@ -73,7 +73,9 @@ IDLE_WAIT_S = 0.25  # an idle engine looks for a stop this often
 MAX_DECODE_STEPS = 64  # --decode-steps: more only delays admission and cancellation further
 MAX_SPECULATE = 16  # --speculate: drafts that long are almost never accepted whole
 # --speculate-max-batch auto on a CPU: there a forward of 5 tokens per row costs 1.5x one of 1 at batch 1, and
-# 2.5x at batch 8, while drafts add about 1.3 tokens per row and step on the demo model (bench/RESULTS.md)
+# 2.5x at batch 8, while drafts add about 1.3 tokens per row and step on the demo model (bench/RESULTS.md). On a
+# GPU auto is 0 (no speculation) until a GPU session has measured it: compiling the speculative step for every
+# batch size outlasted the benchmark's start-up on an H200 (bench/RESULTS.md, tenth session)
 CPU_SPECULATE_MAX_BATCH = 2
 
 
@@ -102,8 +104,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (DecodeGraphs); no effect on a CPU
     decode_steps: int = 1  # greedy tokens decoded per scheduler step, fed back on the device (see Engine._decode)
     speculate: int = 0  # tokens drafted per sequence and step by prompt lookup (serve/speculation.py); 0 = off
-    speculate_max_batch: int = 0  # speculate while at most this many sequences run; 0 = auto (2 on a CPU, all on
-    # a GPU)
+    speculate_max_batch: int = 0  # speculate while at most this many sequences run; 0 = auto (2 on a CPU, none
+    # on a GPU)
 
     def validate(self) -> None:
         for name in ("max_concurrency", "max_queue"):
@@ -411,7 +413,9 @@ class DecodeGraphs:
 
     With `speculate` = k > 0, more graphs hold `steps` speculative steps (serve/speculation.py): each feeds every
     row its last token and k drafted ones, and emits 1 to k + 1 greedy tokens per row (`speculative`). A row
-    advances by up to steps * (k + 1) positions, which the caller keeps inside the cache.
+    advances by up to steps * (k + 1) positions, which the caller keeps inside the cache. They are captured for
+    the padded batch sizes that cover `speculate_max_batch` rows, the batches the caller speculates at (each
+    padded size is one more version of the compiled step to compile).
 
     `forward` is the model or its torch.compile'd self (the graphs then replay the compiled kernels). Without CUDA
     the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
@@ -419,15 +423,20 @@ class DecodeGraphs:
 
     def __init__(self, model: Transformer, cache: KVCache, vocab: int, *, steps: int = 1,
                  shortest: int = GRAPH_MIN_ATTEND, forward: Callable[..., torch.Tensor] | None = None,
-                 speculate: int = 0, verify: Callable[..., torch.Tensor] = propose_and_verify):
+                 speculate: int = 0, speculate_max_batch: int | None = None,
+                 verify: Callable[..., torch.Tensor] = propose_and_verify):
         slots, device = cache.batch_size, cache.k.device
         self.model, self.cache, self.vocab, self.steps = model, cache, vocab, steps
         self.forward = model if forward is None else forward
-        # speculative graphs only where a burst of them fits in the cache
-        self.speculate = speculate if steps * (speculate + 1) <= cache.max_len else 0
-        self.verify = verify  # propose_and_verify or its torch.compile'd self
         self.batch_sizes = padded_batch_sizes(slots)
         self.lengths = attend_lengths(cache.max_len, shortest)
+        # speculative graphs only where a burst of them fits in the cache, at the batch sizes that cover
+        # speculate_max_batch rows (default: all)
+        most = slots if speculate_max_batch is None else min(speculate_max_batch, slots)
+        self.speculate = speculate if steps * (speculate + 1) <= cache.max_len and most >= 1 else 0
+        self.speculate_batches = [b for b in self.batch_sizes if b <= self.bucket(most, 1)[0]] if self.speculate \
+            else []
+        self.verify = verify  # propose_and_verify or its torch.compile'd self
         # (batch, length, steps, speculative) -> graph
         self.graphs: dict[tuple[int, int, int, bool], torch.cuda.CUDAGraph] = {}
         pinned = device.type == "cuda"
@@ -461,8 +470,8 @@ class DecodeGraphs:
         The largest graphs are captured first and the others share their memory pool (they never run together).
         """
         start = time.perf_counter()
-        kinds = [(k, False) for k in {1, self.steps}] + ([(self.steps, True)] if self.speculate else [])
-        shapes = sorted(((b, n, k, spec) for b in self.batch_sizes for n in self.lengths for k, spec in kinds),
+        shapes = [(b, n, k, False) for b in self.batch_sizes for n in self.lengths for k in {1, self.steps}]
+        shapes = sorted(shapes + [(b, n, self.steps, True) for b in self.speculate_batches for n in self.lengths],
                         reverse=True)
         self._host.zero_()
         self._inputs.zero_()
@@ -725,7 +734,7 @@ class Engine(RequestChecker):
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
         self._verify = compiled_propose_and_verify() if config.compile else propose_and_verify
         self.speculate_max_batch = config.speculate_max_batch or \
-            (rows if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)
+            (0 if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
@@ -733,7 +742,7 @@ class Engine(RequestChecker):
         if config.cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
                                               forward=self._decode_model, speculate=config.speculate,
-                                              verify=self._verify)
+                                              speculate_max_batch=self.speculate_max_batch, verify=self._verify)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
@@ -794,7 +803,7 @@ class Engine(RequestChecker):
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
-                if self.config.speculate:  # the speculative step, up to the batch it runs at
+                if self.config.speculate and self.speculate_max_batch:  # the speculative step, up to its batch
                     for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7), (self.slots, 6)):
                         batch = min(batch, self.slots, self.speculate_max_batch)
                         self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch,
