@@ -536,9 +536,9 @@ def test_serve_cli_records_a_ledger_run(trained_run, tmp_path, engine_process):
     workspace = trained_run[0]
     keys = tmp_path / "keys.txt"
     keys.write_text("secret-key\n")
-    with serve_process(workspace, "--api-key-file", str(keys), "--max-concurrency", "2",
+    with serve_process(workspace, "--api-key-file", str(keys), "--max-concurrency", "2", "--decode-steps", "4",
                        "--engine-process", engine_process) as (base, line, ended):
-        assert "context 64, 2 slots" in line and "energy:" in line
+        assert "context 64, 2 slots, speculating at up to 2 sequences" in line and "energy:" in line
         assert ("engine in process" in line) == (engine_process == "on")
         client = openai.OpenAI(base_url=base, api_key="secret-key", max_retries=0)
         response = client.completions.create(model="tiny", prompt="def", max_tokens=3, temperature=0)
@@ -550,4 +550,5 @@ def test_serve_cli_records_a_ledger_run(trained_run, tmp_path, engine_process):
     assert run["status"] == "completed" and run["name"].startswith("serve-tiny-")
     assert run["summary"]["requests"] == 1 and run["summary"]["completion_tokens"] == 3
     assert run["config"]["max_concurrency"] == 2 and "secret-key" not in json.dumps(run["config"])
+    assert run["config"]["speculate"] == 4 and run["config"]["speculate_max_batch"] == 0  # 0: auto
     assert run["config"]["engine_process"] == (engine_process == "on")

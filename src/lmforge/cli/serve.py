@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
         if not http.is_alive():
             raise LmforgeError(f"the HTTP server did not start on {args.host}:{port}")
         where = f", engine in process {engine.pid}" if own_process else ""
+        if engine.speculates_up_to:
+            where = f", speculating at up to {engine.speculates_up_to} sequences{where}"
         err.print(f"serving {model} (context {engine.context_len}, {engine.slots} slots{where}) at "
                   f"http://{host}:{port}/v1 | energy: {engine.energy_label}", soft_wrap=True, markup=False)
         previous = stop_on_signals(engine)

@@ -1062,6 +1062,16 @@ class Engine(RequestChecker):
         return logits
 
     @property
+    def speculates_up_to(self) -> int:
+        """The most running sequences the engine speculates at. 0: it does not, also where a burst of speculative
+        steps cannot fit in the context, or (on a GPU) the speculative step failed to compile."""
+        k = self.config.speculate
+        if not k or self.config.decode_steps * (k + 1) > self.context_len or \
+                (self.decode_graphs is not None and not self.decode_graphs.speculate):
+            return 0
+        return min(self.speculate_max_batch, self.slots)
+
+    @property
     def prefill_compiled(self) -> bool:
         """The prefill runs compiled: compile is on, and compiling it has not failed."""
         return self._prefill_forward is not prefill_logits
@@ -1140,11 +1150,9 @@ class Engine(RequestChecker):
         bursts need (_steps_ahead), at most speculate_max_batch sequences, and room in every row's cache for
         `decode_steps` steps that each advance it by up to k + 1 positions."""
         k, forwards = self.config.speculate, self.config.decode_steps
-        if not k or len(self._running) > self.speculate_max_batch or not self._plain_greedy():
+        if len(self._running) > self.speculates_up_to or not self._plain_greedy():
             return 0
         if any(s.cached + forwards * (k + 1) > self.context_len for s in self._running):
-            return 0
-        if self.decode_graphs is not None and not self.decode_graphs.speculate:
             return 0
         return forwards
 

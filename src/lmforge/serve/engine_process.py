@@ -122,6 +122,7 @@ class EngineProcess(RequestChecker):
         self.model_id, self.created = model_id, self.info["created"]
         self.energy_label, self.energy_measured = self.info["energy_label"], self.info["energy_measured"]
         self.price_per_hour = self.info["price_per_hour"]
+        self.speculates_up_to = self.info["speculates_up_to"]
         self.max_queue = config.max_queue
         self.metrics.remote = lambda: self._call("metrics")
         self._stats = {"running": 0, "waiting": 0, "slots": self.slots}  # as the engine sent them last
@@ -401,6 +402,7 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
                              energy_label=engine.energy_label, energy_measured=engine.energy_measured,
                              price_per_hour=engine.price_per_hour, compile_seconds=compile_seconds,
                              graph_seconds=engine.graph_seconds, prefill_compiled=engine.prefill_compiled,
+                             speculates_up_to=engine.speculates_up_to,
                              graphs=0 if engine.decode_graphs is None else len(engine.decode_graphs.graphs))))
 
     handles: dict[str, RequestHandle] = {}  # open requests, for cancel
