@@ -102,7 +102,7 @@ def main() -> None:
                                            args.repeats))
                 figures.append(per_step_us(functools.partial(graphs.ahead, tokens, positions), device,
                                            args.decode_steps, args.repeats))
-                if batch <= args.speculate_max_batch:
+                if batch in graphs.speculate_batches:
                     histories = [[1] * (args.position + 1)] * batch
                     figures.append(per_step_us(functools.partial(graphs.speculative, tokens, positions, histories),
                                                device, args.decode_steps, args.repeats))
@@ -111,10 +111,11 @@ def main() -> None:
         if args.kernels and device.type == "cuda":
             eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled, speculate=args.speculate,
                                  verify=verify)
-            history = [[1] * (args.position + 1)]
-            for what, step in (("compiled step", functools.partial(one_step, eager, [1], [args.position])),
-                               ("speculative step", functools.partial(eager.speculative, [1], [args.position],
-                                                                      history))):
+            steps = [("compiled step", functools.partial(one_step, eager, [1], [args.position]))]
+            if graphs.speculate:  # (not if --speculate 0, or if it did not compile)
+                steps.append(("speculative step", functools.partial(eager.speculative, [1], [args.position],
+                                                                    [[1] * (args.position + 1)])))
+            for what, step in steps:
                 step()
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     step()

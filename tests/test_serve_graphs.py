@@ -304,3 +304,30 @@ def test_speculation_settings_out_of_range_are_refused():
         EngineConfig(speculate=17).validate()
     with pytest.raises(LmforgeError, match="--speculate-max-batch must be 0"):
         EngineConfig(speculate_max_batch=-1).validate()
+
+
+def test_speculation_fits_its_steps_to_the_room_left_and_charges_what_each_request_used(checkpoint):
+    """With the CLI's defaults (bursts of 16, 4 drafts: 80 positions) the tiny model's context of 64 has no room
+    for a whole burst: without graphs the engine takes as many speculative steps as fit, up to the context's end.
+    A request that ends early in a burst is charged the steps it needed, not the whole burst."""
+    config = {"max_concurrency": 4, "decode_steps": 16}
+    plain = Engine.from_checkpoint(checkpoint, EngineConfig(**config)).start()
+    speculating = Engine.from_checkpoint(checkpoint, EngineConfig(**config, speculate=4)).start()
+    assert speculating.speculates_up_to == 2  # auto on a CPU
+    to_the_end = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    short, long = (SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (2, 50))
+    try:
+        for engine in (plain, speculating):
+            assert engine.generate(PROMPTS[0], to_the_end).finish_reasons == ["length"]
+        got = {}
+        for name, engine in (("plain", plain), ("speculating", speculating)):
+            handles = [engine.submit(PROMPTS[1], short), engine.submit(PROMPTS[2], long)]
+            got[name] = [h.result(timeout=60) for h in handles]
+        assert [r.token_ids for r in got["speculating"]] == [r.token_ids for r in got["plain"]]
+        assert speculating.generate(PROMPTS[0], to_the_end).token_ids == plain.generate(PROMPTS[0], to_the_end).token_ids
+    finally:
+        plain.stop()
+        speculating.stop()
+    assert speculating.metrics.speculated.labels("accepted")._value.get() > 0
+    # the short request: its prefill and one step of 5 tokens, against its prefill and one token
+    assert got["speculating"][0].usage.flops < 2 * got["plain"][0].usage.flops

@@ -87,8 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", type=int, default=4, metavar="K",
                    help="prompt-lookup speculation: while every running request is greedy (without penalties or "
                    "logprobs), each step feeds a sequence K tokens guessed from its own prompt and output besides its "
-                   "last one, and keeps those the model agrees with; the same text, up to K + 1 tokens per step for "
-                   "about the cost of one on a small model (default 4; 0 = off)")
+                   "last one, and keeps those the model agrees with: the same text (up to rounding), up to K + 1 "
+                   "tokens per step for far less than K + 1 steps cost on a small model (default 4; 0 = off)")
     p.add_argument("--speculate-max-batch", type=int, default=0, metavar="N",
                    help="speculate only while at most N sequences run: at larger batches the extra tokens per "
                    "step cost more than they save on a CPU; on a GPU each padded batch size up to N is one more "

@@ -403,8 +403,9 @@ class DecodeGraphs:
     A step of B running sequences runs at the smallest captured batch b >= B and the smallest captured length that
     covers the furthest row's cached positions. Positions past a row's own are masked, as in any batched step, so
     the longer length changes no row's result. The b - B padding rows are the pool's rows B..b-1, which hold no
-    sequence (running rows are always 0..B-1): each feeds token 0 from position 0 and writes only there, in its own
-    free row, where a prefill overwrites it before anything reads it. Everything the step touches is static:
+    sequence (running rows are always 0..B-1): each feeds token 0 from position 0 and writes only positions 0.. of
+    its own free row (one per step, k + 1 per speculative step), where a prefill or a decode step overwrites them
+    before anything reads them. Everything the step touches is static:
     token ids and positions in, the KV cache written in place (the commit is inside the graph), float logits and
     their argmax (the greedy tokens) out, valid until the next step.
 
@@ -465,7 +466,7 @@ class DecodeGraphs:
 
     def capture(self) -> float:
         """Capture every graph; returns the seconds it took. Only while no row holds a sequence: the warm-up runs
-        write rows 0..b-1 at positions 0..steps-1.
+        write rows 0..b-1 at positions 0..steps-1 (0..steps * (k + 1) - 1 speculating).
 
         The largest graphs are captured first and the others share their memory pool (they never run together).
         """
@@ -488,7 +489,7 @@ class DecodeGraphs:
                         raise
                     log.warning("the speculative step failed to compile, so speculation is off: %s: %s",
                                 type(e).__name__, e)
-                    self.speculate = 0
+                    self.speculate, self.speculate_batches = 0, []
                     shapes = [shape for shape in shapes if not shape[3]]
             for shape in (shape for shape in shapes if not shape[3]):
                 self._inputs.zero_()
@@ -733,8 +734,9 @@ class Engine(RequestChecker):
         self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
         self._verify = compiled_propose_and_verify() if config.compile else propose_and_verify
-        self.speculate_max_batch = config.speculate_max_batch or \
-            (0 if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)
+        self._speculate_batch = config.speculate_max_batch or \
+            (0 if self.device.type == "cuda" else CPU_SPECULATE_MAX_BATCH)  # resolved: 0 = never
+        self._speculation_failed = False  # its compile failed at warm_up (the graphs handle theirs themselves)
         # on CUDA the decode step replays graphs (of the compiled step, with compile), captured now while no row
         # holds a sequence
         self.decode_graphs: DecodeGraphs | None = None
@@ -742,7 +744,7 @@ class Engine(RequestChecker):
         if config.cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self.model, self.cache, self.vocab, steps=config.decode_steps,
                                               forward=self._decode_model, speculate=config.speculate,
-                                              speculate_max_batch=self.speculate_max_batch, verify=self._verify)
+                                              speculate_max_batch=self._speculate_batch, verify=self._verify)
             with torch.inference_mode():
                 self.graph_seconds = self.decode_graphs.capture()
         self._flops_base = forward_flops_per_token(self.shape, 0)  # per token: the matmuls
@@ -803,17 +805,29 @@ class Engine(RequestChecker):
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
-                if self.config.speculate and self.speculate_max_batch:  # the speculative step, up to its batch
-                    for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7), (self.slots, 6)):
-                        batch = min(batch, self.slots, self.speculate_max_batch)
-                        self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch,
-                                                [0] * batch, self.config.decode_steps)
+                if self.speculates_up_to:  # the speculative step, up to the batch it runs at
+                    self._warm_up_speculation()
             for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
                 batch = min(batch, self.slots)
                 self._prefill_logits(self.cache.rows(0, batch),
                                      torch.zeros(batch, length, dtype=torch.long, device=self.device),
                                      torch.full((batch,), length - 1, device=self.device))
         return time.perf_counter() - start
+
+    def _warm_up_speculation(self) -> None:
+        """One speculative step at each shape the compiler needs to see, at positions where its k + 1 tokens fit
+        in the context. Should it fail to compile, the engine decodes without speculation, with a warning."""
+        k = self.config.speculate
+        try:
+            for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7), (self.slots, 6)):
+                batch, cached = min(batch, self.speculates_up_to), min(cached, self.context_len - k - 1)
+                self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch, [0] * batch, 1)
+        except Exception as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            log.warning("the speculative step failed to compile, so speculation is off: %s: %s",
+                        type(e).__name__, e)
+            self._speculation_failed = True
 
     def start(self) -> Engine:
         """Run the engine in a new thread (tests, embedding); `lmforge serve` uses `run` instead."""
@@ -1063,13 +1077,13 @@ class Engine(RequestChecker):
 
     @property
     def speculates_up_to(self) -> int:
-        """The most running sequences the engine speculates at. 0: it does not, also where a burst of speculative
-        steps cannot fit in the context, or (on a GPU) the speculative step failed to compile."""
-        k = self.config.speculate
-        if not k or self.config.decode_steps * (k + 1) > self.context_len or \
-                (self.decode_graphs is not None and not self.decode_graphs.speculate):
-            return 0
-        return min(self.speculate_max_batch, self.slots)
+        """The most running sequences the engine speculates at (--speculate-max-batch, resolved). 0: it does not,
+        also where no speculative step fits in the context, or compiling it failed."""
+        if self.decode_graphs is not None:  # its bursts are whole graphs: they fit, and compiled, or not at all
+            possible = self.decode_graphs.speculate > 0
+        else:
+            possible = 0 < self.config.speculate <= self.context_len - 2 and not self._speculation_failed
+        return min(self._speculate_batch, self.slots) if possible else 0
 
     @property
     def prefill_compiled(self) -> bool:
@@ -1147,14 +1161,16 @@ class Engine(RequestChecker):
 
     def _speculative_forwards(self) -> int:
         """Speculative steps the running batch takes at once (0: none, decode as usual). Speculation needs what
-        bursts need (_steps_ahead), at most speculate_max_batch sequences, and room in every row's cache for
-        `decode_steps` steps that each advance it by up to k + 1 positions."""
-        k, forwards = self.config.speculate, self.config.decode_steps
+        bursts need (_steps_ahead), at most speculates_up_to sequences, and room in every row's cache for each
+        step to advance it by up to k + 1 positions: `decode_steps` steps with graphs (a graph is a whole burst),
+        as many as fit without."""
+        k, most = self.config.speculate, self.config.decode_steps
         if len(self._running) > self.speculates_up_to or not self._plain_greedy():
             return 0
-        if any(s.cached + forwards * (k + 1) > self.context_len for s in self._running):
-            return 0
-        return forwards
+        room = self.context_len - max(s.cached for s in self._running)
+        if self.decode_graphs is not None:
+            return most if room >= most * (k + 1) else 0
+        return min(most, room // (k + 1))
 
     def _decode_speculative(self, forwards: int) -> None:
         """Up to `forwards` speculative steps for every running sequence (serve/speculation.py): each emits 1 to
@@ -1171,26 +1187,27 @@ class Engine(RequestChecker):
             to_go = [self.context_len if s.request.params.max_tokens is None else
                      s.request.params.max_tokens - len(s.out_ids) for s in seqs]
             emitted, forwards = self._speculate_eagerly(tokens, positions, histories, to_go, forwards)
-        ended = time.monotonic()
-        counts = [len(e) for e in emitted]
-        # every row ran every step, k + 1 tokens each, at about its position halfway through the burst
-        self._account(seqs, [forwards * (k + 1)] * len(seqs), ended - started,
-                      keys=[s.cached + n // 2 for s, n in zip(seqs, counts)])
-        self.metrics.speculated.labels("drafted").inc(forwards * k * len(seqs))
-        self.metrics.speculated.labels("accepted").inc(sum(counts) - forwards * len(seqs))
-        longest = max(counts)
-        for j in range(longest):
-            live = [i for i, s in enumerate(seqs) if j < counts[i] and s.finish_reason is None]
-            if not live:
-                break
-            fed = [seqs[i] for i in live]
-            for s in fed:
+        seconds = time.monotonic() - started
+        kept = [0] * len(seqs)
+        for i, (s, row) in enumerate(zip(seqs, emitted)):
+            for j, token in enumerate(row):
+                if s.finish_reason is not None:
+                    break
                 s.cached += 1
-            now = started + (ended - started) * (j + 1) / longest  # each token at its share of the burst
-            self._append(fed, [emitted[i][j] for i in live], None, now=now, emit=False)
-        for s in seqs:
+                kept[i] += 1
+                # each token at its share of the burst, for the inter-token latency histogram
+                self._append([s], [token], None, now=started + seconds * (j + 1) / len(row), emit=False)
             if s.finish_reason is None:
                 self._emit(s)
+        # A row is charged the steps it needed for the tokens it kept (about: its steps emitted 1 to k + 1 each),
+        # each step's time shared among the rows it served, as in _decode_ahead; every step fed k + 1 per row.
+        needed = [math.ceil(forwards * n / len(row)) for n, row in zip(kept, emitted)]
+        for step in range(max(needed)):
+            live = [i for i in range(len(seqs)) if needed[i] > step]
+            self._account([seqs[i] for i in live], [k + 1] * len(live), seconds / forwards,
+                          keys=[positions[i] + step * len(emitted[i]) // forwards for i in live])
+        self.metrics.speculated.labels("drafted").inc(k * sum(needed))
+        self.metrics.speculated.labels("accepted").inc(sum(n - steps for n, steps in zip(kept, needed)))
 
     def _speculate_eagerly(self, tokens: list[int], positions: list[int], histories: list[list[int]],
                            to_go: list[int], forwards: int) -> tuple[list[list[int]], int]:
@@ -1202,7 +1219,7 @@ class Engine(RequestChecker):
             history[i, : len(h)] = torch.tensor(h)
         history, tokens, positions, to_go = (t.to(self.device) for t in (
             history, torch.tensor(tokens), torch.tensor(positions), torch.tensor(to_go)))
-        out = torch.zeros(B, forwards * (k + 1), dtype=torch.long, device=self.device)
+        out = torch.zeros(B, self.config.decode_steps * (k + 1), dtype=torch.long, device=self.device)  # one shape
         count = torch.zeros(B, dtype=torch.long, device=self.device)
         view = static_dims(self.cache.rows(0, B))
         for step in range(forwards):
