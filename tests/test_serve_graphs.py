@@ -148,13 +148,18 @@ def burst_params(engine: Engine) -> list[SamplingParams]:
     return params
 
 
+@pytest.mark.parametrize("speculate", [0, 3], ids=["bursts", "speculative-bursts"])
 @pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded-step"])
-def test_bursts_of_greedy_steps_answer_as_one_step_at_a_time(checkpoint, padded):
+def test_bursts_answer_as_one_step_at_a_time(checkpoint, padded, speculate):
+    """Bursts of 4 greedy steps, or of 4 speculative steps feeding 3 drafted tokens per row each: the same texts,
+    tokens, finish reasons and usage as one token per step, alone and batched."""
     config = {"max_concurrency": 6, "max_queue": 64}
     plain = Engine.from_checkpoint(checkpoint, EngineConfig(**config)).start()
-    bursts = Engine.from_checkpoint(checkpoint, EngineConfig(**config, decode_steps=4))
-    if padded:  # the graphs' path: whole bursts of 4 while 4 positions are left in every row
-        bursts.decode_graphs = DecodeGraphs(bursts.model, bursts.cache, bursts.vocab, steps=4, shortest=8)
+    bursts = Engine.from_checkpoint(checkpoint, EngineConfig(**config, decode_steps=4, speculate=speculate,
+                                                              speculate_max_batch=6))
+    if padded:  # the graphs' path: whole bursts while every row has room for them
+        bursts.decode_graphs = DecodeGraphs(bursts.model, bursts.cache, bursts.vocab, steps=4, shortest=8,
+                                            speculate=speculate)
     bursts.start()
     params = burst_params(plain)
     try:
@@ -170,6 +175,9 @@ def test_bursts_of_greedy_steps_answer_as_one_step_at_a_time(checkpoint, padded)
     finally:
         plain.stop()
         bursts.stop()
+    if speculate:
+        drafted = bursts.metrics.speculated.labels("drafted")._value.get()
+        assert 0 < bursts.metrics.speculated.labels("accepted")._value.get() < drafted
 
 
 def test_decode_steps_out_of_range_is_refused():
@@ -250,40 +258,10 @@ def test_speculative_steps_emit_exactly_the_greedy_tokens():
         torch.testing.assert_close(spec.k[:, i, :, :n], one.k[:, i, :, :n])
 
 
-def speculating_config(**config) -> EngineConfig:
-    return EngineConfig(**config, decode_steps=4, speculate=3, speculate_max_batch=6)
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded-step"])
-def test_speculation_answers_as_one_step_at_a_time(checkpoint, padded):
-    config = {"max_concurrency": 6, "max_queue": 64}
-    plain = Engine.from_checkpoint(checkpoint, EngineConfig(**config)).start()
-    speculating = Engine.from_checkpoint(checkpoint, speculating_config(**config))
-    if padded:  # the graphs' path: whole bursts while every row has room for them
-        speculating.decode_graphs = DecodeGraphs(speculating.model, speculating.cache, speculating.vocab, steps=4,
-                                                 shortest=8, speculate=3)
-    speculating.start()
-    params = burst_params(plain)
-    try:
-        def full(engine, prompt, q):
-            r = engine.generate(prompt, q)
-            return r.texts, r.token_ids, r.finish_reasons, r.usage.completion_tokens
-        alone = [full(plain, p, q) for p, q in zip(PROMPTS, params)]
-        assert [full(speculating, p, q) for p, q in zip(PROMPTS, params)] == alone
-        handles = [speculating.submit(p, q) for p, q in zip(PROMPTS, params)]
-        together = [h.result(timeout=120) for h in handles]
-        assert [(r.texts, r.token_ids, r.finish_reasons) for r in together] == [a[:3] for a in alone]
-    finally:
-        plain.stop()
-        speculating.stop()
-    drafted = speculating.metrics.speculated.labels("drafted")._value.get()
-    accepted = speculating.metrics.speculated.labels("accepted")._value.get()
-    assert 0 < accepted < drafted
-
-
 def test_speculation_compiled_compiles_nothing_after_warm_up(checkpoint):
     plain = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4)).start()
-    compiled = Engine.from_checkpoint(checkpoint, speculating_config(max_concurrency=4, compile=True))
+    compiled = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4, compile=True, decode_steps=4,
+                                                               speculate=3))
     compiled.warm_up()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled.start()
