@@ -29,10 +29,10 @@ if ! python3 -c 'import fastapi, uvicorn, httpx, uvloop, httptools' 2>/dev/null;
 fi
 
 echo "== GPU tests: serving with CUDA graphs"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_gpu.py -k graph || failed+=("GPU tests")
+timeout 180 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_gpu.py -k graph || failed+=("GPU tests")
 
 echo "== the decode step alone (bench/decode_step.py)"
-timeout 120 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels \
+timeout 110 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels \
     --speculate-max-batch "$SPECULATE_MAX_BATCH" || failed+=("decode_step")
 
 # 32 concurrent, 32-token prompts, 64 new tokens (serve_bench's defaults: compiled steps in graphs of bursts of 16,
@@ -40,7 +40,7 @@ timeout 120 python3 bench/decode_step.py --ckpt "$CKPT" --device cuda --kernels 
 # requests run. Extra arguments go to serve_bench (--engine adds the rows without HTTP, at the cost of a second
 # start-up). It reports its progress on stderr, so a run cut short still says how far it got.
 echo "== serve_bench --speculate-max-batch $SPECULATE_MAX_BATCH $*"
-timeout 290 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" \
+timeout 270 python3 bench/serve_bench.py --ckpt "$CKPT" --device cuda --rounds "$ROUNDS" \
     --speculate-max-batch "$SPECULATE_MAX_BATCH" "$@" || failed+=("serve_bench")
 
 if ((${#failed[@]})); then
