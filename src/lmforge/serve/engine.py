@@ -143,6 +143,14 @@ def static_dims(view: KVCache) -> KVCache:
     return view
 
 
+def warn_speculation_off(e: Exception) -> None:
+    """Where compiling the speculative step failed: the engine goes on without speculation, with a warning.
+    Running out of memory is not the compiler's doing, and is raised."""
+    if isinstance(e, torch.OutOfMemoryError):
+        raise e
+    log.warning("the speculative step failed to compile, so speculation is off: %s: %s", type(e).__name__, e)
+
+
 def start_work(config: EngineConfig) -> str | None:
     """What an engine with this (resolved) config does before its first request, in words; None if it is quick."""
     graphs = config.cuda_graphs and config.device.startswith("cuda")
@@ -485,10 +493,7 @@ class DecodeGraphs:
                         self._inputs.zero_()
                         self._run(*shape)
                 except Exception as e:
-                    if isinstance(e, torch.OutOfMemoryError):
-                        raise
-                    log.warning("the speculative step failed to compile, so speculation is off: %s: %s",
-                                type(e).__name__, e)
+                    warn_speculation_off(e)
                     self.speculate, self.speculate_batches = 0, []
                     shapes = [shape for shape in shapes if not shape[3]]
             for shape in (shape for shape in shapes if not shape[3]):
@@ -823,10 +828,7 @@ class Engine(RequestChecker):
                 batch, cached = min(batch, self.speculates_up_to), min(cached, self.context_len - k - 1)
                 self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch, [0] * batch, 1)
         except Exception as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
-            log.warning("the speculative step failed to compile, so speculation is off: %s: %s",
-                        type(e).__name__, e)
+            warn_speculation_off(e)
             self._speculation_failed = True
 
     def start(self) -> Engine:
@@ -1147,12 +1149,16 @@ class Engine(RequestChecker):
             return 1
         room, to_go = most, 1
         for s in self._running:
-            p = s.request.params
             room = min(room, self.context_len - s.cached)  # positions cached .. cached + steps - 1 are written
-            to_go = max(to_go, self.context_len if p.max_tokens is None else p.max_tokens - len(s.out_ids))
+            to_go = max(to_go, self._to_go(s))
         if self.decode_graphs is not None:
             return most if room == most else 1
         return max(1, min(room, to_go))
+
+    def _to_go(self, s: Sequence) -> int:
+        """Tokens the sequence may still produce (its max_tokens left, or up to the context)."""
+        max_tokens = s.request.params.max_tokens
+        return self.context_len if max_tokens is None else max_tokens - len(s.out_ids)
 
     def _plain_greedy(self) -> bool:
         """Every running sequence is greedy, and none needs its logits (penalties, log-probabilities)."""
@@ -1184,9 +1190,8 @@ class Engine(RequestChecker):
         if self.decode_graphs is not None:
             emitted = self.decode_graphs.speculative(tokens, positions, histories)
         else:
-            to_go = [self.context_len if s.request.params.max_tokens is None else
-                     s.request.params.max_tokens - len(s.out_ids) for s in seqs]
-            emitted, forwards = self._speculate_eagerly(tokens, positions, histories, to_go, forwards)
+            emitted, forwards = self._speculate_eagerly(tokens, positions, histories, [self._to_go(s) for s in seqs],
+                                                        forwards)
         seconds = time.monotonic() - started
         kept = [0] * len(seqs)
         for i, (s, row) in enumerate(zip(seqs, emitted)):
