@@ -135,12 +135,20 @@ def static_dims(view: KVCache) -> KVCache:
     while it traces (duck sizing): a 2-token warm-up prompt in a 2-layer model would compile a prefill for prompts
     as wide as the model has layers, and the first real prompt would compile another."""
     for cached in (view.k, view.v):
-        for dim in (0, 2, 3, 4):
+        for dim in (1, 2, 3, 4):
             torch._dynamo.mark_static(cached, dim)
-        if cached._base is not None:  # the whole pool, which the compiler sees behind a view: all static
-            for dim in range(cached._base.dim()):
-                torch._dynamo.mark_static(cached._base, dim)
+        if cached._base is not None:  # the whole pool, which the compiler sees behind a view
+            static_buffers(cached._base)
     return view
+
+
+def static_buffers(*buffers: torch.Tensor) -> None:
+    """Mark every dim of these whole buffers static, for compiled functions that take views of their first rows.
+    As a symbol, a buffer's row count would be equated with the batch size it is first traced at where the two are
+    equal (duck sizing), and every other batch size would then compile again."""
+    for buffer in buffers:
+        for dim in range(buffer.dim()):
+            torch._dynamo.mark_static(buffer, dim)
 
 
 def warn_speculation_off(e: Exception) -> None:
@@ -449,10 +457,12 @@ class DecodeGraphs:
         # (batch, length, steps, speculative) -> graph
         self.graphs: dict[tuple[int, int, int, bool], torch.cuda.CUDAGraph] = {}
         pinned = device.type == "cuda"
-        # each slot's token (row 0) and position (row 1): written on the host, copied to the device in one piece
-        self._host = torch.zeros(2, slots, dtype=torch.long, pin_memory=pinned)
+        # each slot's token (column 0) and position (column 1): written on the host, copied to the device in one
+        # piece. Slot-major, so that no step's positions start at an offset equal to a batch size (which the
+        # compiler would take for a relation, as with the buffers marked static below)
+        self._host = torch.zeros(slots, 2, dtype=torch.long, pin_memory=pinned)
         self._host_rows = self._host.numpy()
-        self._inputs = torch.zeros(2, slots, dtype=torch.long, device=device)
+        self._inputs = torch.zeros(slots, 2, dtype=torch.long, device=device)
         self._logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)  # (slots, V)
         self._argmax = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
         self._ahead = torch.zeros(steps, slots, dtype=torch.long, device=device)  # (steps, slots) greedy tokens
@@ -467,6 +477,8 @@ class DecodeGraphs:
             self._positions = torch.zeros(slots, dtype=torch.long, device=device)
             self._out = torch.zeros(slots, steps * (self.speculate + 1), dtype=torch.long, device=device)
             self._count = torch.zeros(slots, dtype=torch.long, device=device)
+            static_buffers(self._history, self._tokens, self._positions, self._out, self._count)
+        static_buffers(self._inputs)
 
     def bucket(self, batch: int, furthest: int) -> tuple[int, int]:
         """The (batch, attended length) a step of `batch` rows runs at when its furthest row has `furthest` cached."""
@@ -514,10 +526,10 @@ class DecodeGraphs:
     def _forward(self, batch: int, length: int, tokens: torch.Tensor, keep_logits: bool) -> None:
         """The padded step, from the static inputs into the static outputs: what a graph records. The argmax goes
         to `tokens` (b,), the logits to their buffer only where wanted (a burst reads none)."""
-        view = self.cache.rows(0, batch)
+        view = static_dims(self.cache.rows(0, batch))
         view.attend_len = length
-        positions = self._inputs[1, :batch]  # (b,)
-        logits = self.forward(self._inputs[0, :batch, None], kv_cache=view, start_pos=positions)  # (b, 1, V)
+        positions = self._inputs[:batch, 1]  # (b,)
+        logits = self.forward(self._inputs[:batch, :1], kv_cache=view, start_pos=positions)  # (b, 1, V)
         view.commit(positions)
         logits = logits[:, 0, : self.vocab]  # (b, V)
         if keep_logits:
@@ -535,8 +547,8 @@ class DecodeGraphs:
         for k in range(steps):
             self._forward(batch, length, self._ahead[k, :batch], keep_logits=False)
             if k < steps - 1:
-                self._inputs[0, :batch].copy_(self._ahead[k, :batch])
-                self._inputs[1, :batch] += 1
+                self._inputs[:batch, 0].copy_(self._ahead[k, :batch])
+                self._inputs[:batch, 1] += 1
 
     def _speculate(self, batch: int, length: int, steps: int) -> None:
         """`steps` padded speculative steps from the tokens and positions in _inputs and the history in _history:
@@ -544,8 +556,8 @@ class DecodeGraphs:
         view = static_dims(self.cache.rows(0, batch))
         view.attend_len = length
         tokens, positions, count = self._tokens[:batch], self._positions[:batch], self._count[:batch]
-        tokens.copy_(self._inputs[0, :batch])
-        positions.copy_(self._inputs[1, :batch])
+        tokens.copy_(self._inputs[:batch, 0])
+        positions.copy_(self._inputs[:batch, 1])
         count.zero_()
         for _ in range(steps):
             advance = self.verify(self.model, tokens, positions, self._history[:batch], self._out[:batch], count,
@@ -562,9 +574,9 @@ class DecodeGraphs:
 
     def _load(self, tokens: list[int], positions: list[int]) -> None:
         B = len(tokens)
-        self._host_rows[0, :B] = tokens
-        self._host_rows[1, :B] = positions
-        self._host_rows[:, B:] = 0  # padding rows: token 0 from position 0 of their own free rows
+        self._host_rows[:B, 0] = tokens
+        self._host_rows[:B, 1] = positions
+        self._host_rows[B:] = 0  # padding rows: token 0 from position 0 of their own free rows
         self._inputs.copy_(self._host, non_blocking=True)
 
     def step(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -735,7 +747,8 @@ class Engine(RequestChecker):
         self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
         # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
         # vary, so with dynamic shapes (warm_up compiles them before the first request). The prefill is compiled
-        # apart: torch.compile keeps at most 8 versions of a function, and on a GPU the decode graphs take 6
+        # apart: torch.compile keeps at most 8 versions of a function, and each takes up to 4 (one row or more,
+        # attending over the whole cache or less)
         self._decode_model = torch.compile(self.model, dynamic=True) if config.compile else self.model
         self._prefill_forward = torch.compile(prefill_logits, dynamic=True) if config.compile else prefill_logits
         self._verify = compiled_propose_and_verify() if config.compile else propose_and_verify
@@ -804,15 +817,14 @@ class Engine(RequestChecker):
         start = time.perf_counter()
         with torch.inference_mode():
             if self.decode_graphs is None:
-                # the full pool is a special case too: a view of every row has the strides of a whole tensor
-                for batch, cached in ((1, 1), (2, 2), (3, 3), (4, 5), (1, 7), (self.slots, 6)):
+                for batch, cached in ((1, 1), (2, 2), (3, 3), (4, 5), (1, 7)):
                     view = self.cache.rows(0, min(batch, self.slots))
                     positions = torch.full((view.batch_size,), cached, dtype=torch.long, device=self.device)
                     idx = torch.zeros(view.batch_size, 1, dtype=torch.long, device=self.device)
                     self._eager_step(idx, positions, view, cached)
                 if self.speculates_up_to:  # the speculative step, up to the batch it runs at
                     self._warm_up_speculation()
-            for batch, length in ((1, 2), (2, 3), (self.slots, 4)):  # prefills
+            for batch, length in ((1, 2), (2, 3)):  # prefills
                 batch = min(batch, self.slots)
                 self._prefill_logits(self.cache.rows(0, batch),
                                      torch.zeros(batch, length, dtype=torch.long, device=self.device),
@@ -824,7 +836,7 @@ class Engine(RequestChecker):
         in the context. Should it fail to compile, the engine decodes without speculation, with a warning."""
         k = self.config.speculate
         try:
-            for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7), (self.slots, 6)):
+            for batch, cached in ((1, 2), (2, 3), (3, 4), (1, 7)):
                 batch, cached = min(batch, self.speculates_up_to), min(cached, self.context_len - k - 1)
                 self._speculate_eagerly([0] * batch, [cached] * batch, [[0] * (cached + 1)] * batch, [0] * batch, 1)
         except Exception as e:
@@ -1451,8 +1463,8 @@ class Engine(RequestChecker):
                 continue
             last = len(self._running) - 1
             if row != last:
-                self.cache.k[:, row] = self.cache.k[:, last]
-                self.cache.v[:, row] = self.cache.v[:, last]
+                self.cache.k[row] = self.cache.k[last]
+                self.cache.v[row] = self.cache.v[last]
                 self._running[row] = self._running[last]
             self._running.pop()
             self._close_choice(s)
