@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8, metavar="K", help="steps per burst (default 8)")
     parser.add_argument("--speculate", type=int, default=4, metavar="K",
                         help="tokens drafted per row in the speculative steps (default 4)")
-    parser.add_argument("--speculate-max-batch", type=int, default=1, metavar="N",
-                        help="time speculative steps up to this batch size (default 1: each larger padded batch "
-                        "size is one more compile of the speculative step)")
+    parser.add_argument("--speculate-max-batch", type=int, metavar="N",
+                        help="time speculative steps up to this batch size (default: at every --batch; one row and "
+                        "more rows are one compile of the speculative step each)")
     parser.add_argument("--position", type=int, default=48, help="cached positions of every row (default 48)")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure (default 50)")
     parser.add_argument("--kernels", action="store_true", help="list the kernels of one compiled step (GPU)")
