@@ -23,7 +23,7 @@ import torch
 from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.sizing import describe
-from lmforge.serve.engine import DecodeGraphs
+from lmforge.serve.engine import DecodeGraphs, sequence_rows
 from lmforge.serve.speculation import compiled_propose_and_verify
 from lmforge.workspace import Workspace
 
@@ -77,6 +77,8 @@ def main() -> None:
         raise LmforgeError(f"--position must leave --decode-steps x (--speculate + 1) = {room} positions in the "
                            f"context of {model.shape.max_seq_len}")
     slots = max(args.batch)
+    dtype = next(model.parameters()).dtype
+    cache = functools.partial(sequence_rows, model, slots, device, dtype)  # the engine's rows: one version per step
     compiled = torch.compile(model, dynamic=True)
     verify = compiled_propose_and_verify()
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
@@ -86,7 +88,7 @@ def main() -> None:
           f"per row)")
     with torch.inference_mode():
         if device.type == "cuda":  # every batch size's graphs, captured once
-            graphs = DecodeGraphs(model, model.new_kv_cache(slots), vocab, steps=args.decode_steps, forward=compiled,
+            graphs = DecodeGraphs(model, cache(), vocab, steps=args.decode_steps, forward=compiled,
                                   speculate=args.speculate, speculate_max_batch=args.speculate_max_batch,
                                   verify=verify)
             graphs.capture()
@@ -94,7 +96,7 @@ def main() -> None:
             tokens, positions = [1] * batch, [args.position] * batch
             figures = []
             for forward in (model, compiled):
-                eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=forward)  # never captured
+                eager = DecodeGraphs(model, cache(), vocab, forward=forward)  # never captured
                 figures.append(per_step_us(functools.partial(one_step, eager, tokens, positions), device, 1,
                                            args.repeats))
             if device.type == "cuda":
@@ -109,7 +111,7 @@ def main() -> None:
             print(f"{batch:>5} " + " ".join(f"{f:>10.1f}" for f in figures))
 
         if args.kernels and device.type == "cuda":
-            eager = DecodeGraphs(model, model.new_kv_cache(slots), vocab, forward=compiled, speculate=args.speculate,
+            eager = DecodeGraphs(model, cache(), vocab, forward=compiled, speculate=args.speculate,
                                  verify=verify)
             steps = [("compiled step", functools.partial(one_step, eager, [1], [args.position]))]
             if graphs.speculate:  # (not if --speculate 0, or if it did not compile)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of serving, in one go on a fresh GPU machine (at most 9.5 minutes): the serving engine's GPU tests (the
+# GPU check of serving, in one go on a fresh GPU machine (at most 10 minutes): the serving engine's GPU tests (the
 # decode step as CUDA graphs against the eager step: bursts of compiled steps, speculative bursts), the decode
 # step's own time (bench/decode_step.py: one step, bursts, speculative bursts at batch 1 and 32, and their
 # kernels), then bench/serve_bench.py against Hugging Face `generate`, speculating at every batch size (on a GPU
@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_serve.sh                                   # from the repository root
 #   bash bench/gpu_serve.sh --speculate 0                     # arguments go to serve_bench
-#   CKPT=lmforge-work/runs/my-run ROUNDS=5 SPECULATE_MAX_BATCH=1 bash bench/gpu_serve.sh
+#   CKPT=lmforge-work/runs/my-run ROUNDS=5 SPECULATE_MAX_BATCH=1 bash bench/gpu_serve.sh   # serve_bench's setting
 #   PARTS="tests decode_step" bash bench/gpu_serve.sh         # some of the three parts (two calls of the device
 #   PARTS=serve_bench bash bench/gpu_serve.sh                 # tool under its 10-minute limit)
 #

@@ -90,7 +90,7 @@ def test_a_cuda_graph_step_matches_the_eager_step_and_leaves_other_rows_alone(dt
             torch.testing.assert_close(cache.k, eager_cache.k, **tolerance)
             torch.testing.assert_close(cache.v, eager_cache.v, **tolerance)
             if i == 0:  # 3 rows padded to 4: row 3 writes its own position 0 alone, rows 4.. nothing
-                changed = (cache.k != before).any(dim=(1, 2, 4))  # (rows, positions)
+                changed = (cache.k != before).any(dim=(0, 2, 4))  # (rows, positions)
                 assert [changed[r].nonzero().flatten().tolist() for r in range(4)] == [[3], [40], [1], [0]]
                 assert not changed[4:].any()
 

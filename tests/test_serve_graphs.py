@@ -24,6 +24,7 @@ from lmforge.serve.engine import (
     SamplingParams,
     attend_lengths,
     padded_batch_sizes,
+    sequence_rows,
 )
 from lmforge.serve.speculation import draft_tokens, propose_and_verify
 
@@ -68,16 +69,16 @@ def test_a_padded_step_matches_the_model_and_leaves_other_rows_alone():
         logits, argmax = graphs.step(tokens, positions)
 
         reference = model.new_kv_cache(3)
-        reference.k.copy_(before_k[:3])
-        reference.v.copy_(before_v[:3])
+        reference.k.copy_(before_k[:, :3])
+        reference.v.copy_(before_v[:, :3])
         start = torch.tensor(positions)
         want = model(torch.tensor(tokens)[:, None], kv_cache=reference, start_pos=start)[:, 0, :60].float()
         reference.commit(start)
     assert logits.shape == (3, 60) and argmax.tolist() == want.argmax(dim=-1).tolist()
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.k[:3], reference.k)  # live rows: written at their positions only
-    torch.testing.assert_close(cache.v[:3], reference.v)
-    changed = (cache.k != before_k).any(dim=(1, 2, 4))  # (rows, positions) written
+    torch.testing.assert_close(cache.k[:, :3], reference.k)  # live rows: written at their positions only
+    torch.testing.assert_close(cache.v[:, :3], reference.v)
+    changed = (cache.k != before_k).any(dim=(0, 2, 4))  # (rows, positions) written
     assert changed[3].nonzero().flatten().tolist() == [0]  # the padding row: only its own position 0
     assert not changed[4:].any()  # rows beyond the padded batch: untouched
 
@@ -132,8 +133,8 @@ def test_steps_ahead_equal_single_steps_fed_their_argmax():
             tokens = argmax.tolist()
             want.append(tokens)
         assert burst.ahead([5, 9, 11], positions) == want
-    torch.testing.assert_close(ahead.k[:3], one.k[:3])  # the same positions written, with the same keys
-    torch.testing.assert_close(ahead.v[:3], one.v[:3])
+    torch.testing.assert_close(ahead.k[:, :3], one.k[:, :3])  # the same positions written, with the same keys
+    torch.testing.assert_close(ahead.v[:, :3], one.v[:, :3])
 
 
 def burst_params(engine: Engine) -> list[SamplingParams]:
@@ -257,7 +258,7 @@ def test_speculative_steps_emit_exactly_the_greedy_tokens():
     for i, e in enumerate(emitted):
         assert e == [step[i] for step in greedy[: len(e)]]
         n = positions[i] + len(e)  # positions the row has cached correctly
-        torch.testing.assert_close(spec.k[i, :, :, :n], one.k[i, :, :, :n])
+        torch.testing.assert_close(spec.k[:, i, :, :n], one.k[:, i, :, :n])
 
 
 def test_speculation_compiled_compiles_nothing_after_warm_up(checkpoint):
@@ -280,16 +281,18 @@ def test_speculation_compiled_compiles_nothing_after_warm_up(checkpoint):
 
 
 def test_padded_steps_compile_one_version_for_one_row_and_one_for_more():
-    """What a GPU server compiles at start: every padded batch size of DecodeGraphs, the whole pool included, runs
-    on two versions of the compiled step and two of the speculative step (one row; more rows). Each version is
-    15-25 s of compiling on a GPU; a buffer or cache row layout that made the whole pool look different from its
-    first rows would add a third."""
+    """What a GPU server compiles at start: every padded batch size of DecodeGraphs, all the engine's rows
+    included, runs on two versions of the compiled step and two of the speculative step (one row; more rows). Each
+    version is 15-25 s of compiling on a GPU. Without the pool's spare row (a whole cache of 2 layers or more is
+    contiguous where a view of fewer rows is not), or with input buffers whose row count the compiler ties to the
+    first batch it traces, there are 6."""
     torch.manual_seed(0)
-    model = Transformer(shape_from_depth(1, 64, 16, head_dim=16)).eval()
+    model = Transformer(shape_from_depth(2, 64, 16, head_dim=16)).eval()
     # the versions are Dynamo's (its guards: sizes, strides, views); the eager backend spares the kernels' compile
     dynamo_only = functools.partial(torch.compile, dynamic=True, backend="eager")
-    graphs = DecodeGraphs(model, model.new_kv_cache(8), vocab=60, steps=2, shortest=16, forward=dynamo_only(model),
-                          speculate=2, verify=dynamo_only(propose_and_verify))
+    rows = sequence_rows(model, 8, torch.device("cpu"), torch.float32)  # as the engine makes them
+    graphs = DecodeGraphs(model, rows, vocab=60, steps=2, shortest=16, forward=dynamo_only(model), speculate=2,
+                          verify=dynamo_only(propose_and_verify))
     assert graphs.batch_sizes == [1, 2, 4, 8] and graphs.lengths == [16]
     torch._dynamo.reset()  # no versions left from other tests' models of the same class
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a request may wait for a row before it gets 429 (default 30)")
     p.add_argument("--kv-cache-mb", type=float, default=0.0, metavar="MB",
-                   help="cap on the KV-cache memory, which may lower the rows (default 0 = N full-context rows)")
+                   help="cap on the KV-cache memory, which may lower the rows; the pool holds one spare row "
+                   "(default 0 = N full-context rows and the spare)")
     p.add_argument("--max-body-mb", type=float, default=1.0, metavar="MB",
                    help="largest request body accepted; larger gets 413 (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -112,11 +112,9 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys and values for incremental decoding: (B, n_layer, K, max_len, D) each.
+    """Pre-allocated keys and values for incremental decoding: (n_layer, B, K, max_len, D) each.
 
-    Row b holds one sequence, in one contiguous block: a view of rows 0..b-1 is laid out as the whole pool is, so
-    code compiled for one batch size runs any other (rows in the second dim would make the whole pool a special
-    case for the compiler, contiguous where every other view is not). With an int start_pos every row is at the same position (plain generation), and the
+    Row b holds one sequence. With an int start_pos every row is at the same position (plain generation), and the
     forward pass writes the new keys and values itself. With a (B,) tensor of start positions each row is at its
     own (continuous batching, where sequences join and leave a running batch): the pass only reads the cache and
     stages its new keys and values, and the caller writes them with `commit(start_pos)`. A pass that never writes
@@ -129,14 +127,14 @@ class KVCache:
     def __init__(
         self, shape: TransformerShape, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
     ):
-        size = (batch_size, shape.n_layer, shape.n_kv_head, max_len, shape.head_dim)
+        size = (shape.n_layer, batch_size, shape.n_kv_head, max_len, shape.head_dim)
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def batch_size(self) -> int:
-        return self.k.size(0)
+        return self.k.size(1)
 
     @property
     def max_len(self) -> int:
@@ -144,20 +142,20 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.staged = self.k[start:stop], self.v[start:stop], {}
+        view.k, view.v, view.staged = self.k[:, start:stop], self.v[:, start:stop], {}
         return view
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at positions start_pos.. and return all keys/values so far (B, K, S, D)."""
         end = start_pos + k.size(2)
-        self.k[:, layer, :, start_pos:end] = k
-        self.v[:, layer, :, start_pos:end] = v
-        return self.k[:, layer, :, :end], self.v[:, layer, :, :end]
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values (B, K, S, D) a pass with per-row positions reads, S = attend_len."""
         end = self.max_len if self.attend_len is None else self.attend_len
-        return self.k[:, layer, :, :end], self.v[:, layer, :, :end]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.staged[layer] = (k, v)  # (B, K, T, D) each
@@ -171,8 +169,8 @@ class KVCache:
         positions = start_pos.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
         rows = torch.arange(B, device=device)[:, None]  # (B, 1)
         for layer, (k, v) in self.staged.items():
-            self.k[:, layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
-            self.v[:, layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
+            self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
+            self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
         self.staged.clear()
 
 

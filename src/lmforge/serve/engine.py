@@ -129,13 +129,21 @@ def prefill_logits(model: Transformer, idx: torch.Tensor, view: KVCache, start_p
     return model(idx, kv_cache=view, start_pos=start_pos, logits_at=last)[:, 0, :vocab].float()
 
 
+def sequence_rows(model: Transformer, rows: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    """`rows` rows of KV cache for the running sequences: a view of a pool with one row more, which nothing reads or
+    writes. Every view of rows 0..B-1 is then laid out alike for any B, `rows` included: never the whole pool,
+    contiguous where the others are not, which the compiler would compile apart. So each compiled step has one
+    version for all batches of 2 or more."""
+    return model.new_kv_cache(batch_size=rows + 1, device=device, dtype=dtype).rows(0, rows)
+
+
 def static_dims(view: KVCache) -> KVCache:
     """`view` for a function compiled with dynamic shapes, its layer, head, length and head-size dims marked
     static. As symbols, the compiler would equate them with any batch size or prompt width that happens to be equal
     while it traces (duck sizing): a 2-token warm-up prompt in a 2-layer model would compile a prefill for prompts
     as wide as the model has layers, and the first real prompt would compile another."""
     for cached in (view.k, view.v):
-        for dim in (1, 2, 3, 4):
+        for dim in (0, 2, 3, 4):
             torch._dynamo.mark_static(cached, dim)
         if cached._base is not None:  # the whole pool, which the compiler sees behind a view
             static_buffers(cached._base)
@@ -733,18 +741,19 @@ class Engine(RequestChecker):
         row_bytes = 2 * self.shape.n_layer * self.shape.n_kv_head * context_len * self.shape.head_dim * \
             (2 if self.dtype == torch.bfloat16 else 4)
         rows = config.max_concurrency
-        if config.kv_cache_mb:
-            rows = min(rows, int(config.kv_cache_mb * 2**20 // row_bytes))
+        if config.kv_cache_mb:  # the pool holds the sequences' rows and one spare (below)
+            rows = min(rows, int(config.kv_cache_mb * 2**20 // row_bytes) - 1)
             if rows < 1:
-                raise LmforgeError(f"--kv-cache-mb {config.kv_cache_mb} is less than one sequence's KV cache "
-                                   f"({row_bytes / 2**20:.2f} MB at context {context_len}); raise it")
+                raise LmforgeError(f"--kv-cache-mb {config.kv_cache_mb} is less than one sequence's KV cache and "
+                                   f"the engine's spare row ({row_bytes / 2**20:.2f} MB each at context "
+                                   f"{context_len}); raise it")
         super().__init__(loaded.tokenizer, loaded.chat_template, guard, metrics or ServeMetrics(), context_len, rows)
         self.ledger, self.run_id = ledger, run_id
         self.eos_id = self.tokenizer.eot_id
         # an imported model may have more embedding rows than its tokenizer has tokens (padding): never sampled
         self.vocab = self.tokenizer.vocab_size
-        self.kv_cache_bytes = rows * row_bytes
-        self.cache = self.model.new_kv_cache(batch_size=rows, device=self.device, dtype=self.dtype)
+        self.kv_cache_bytes = (rows + 1) * row_bytes
+        self.cache = sequence_rows(self.model, rows, self.device, self.dtype)
         # with compile, the decode step and the prefill run compiled: batch size, prompt length and cached length
         # vary, so with dynamic shapes (warm_up compiles them before the first request). The prefill is compiled
         # apart: torch.compile keeps at most 8 versions of a function, and each takes up to 4 (one row or more,
@@ -1463,8 +1472,8 @@ class Engine(RequestChecker):
                 continue
             last = len(self._running) - 1
             if row != last:
-                self.cache.k[row] = self.cache.k[last]
-                self.cache.v[row] = self.cache.v[last]
+                self.cache.k[:, row] = self.cache.k[:, last]
+                self.cache.v[:, row] = self.cache.v[:, last]
                 self._running[row] = self._running[last]
             self._running.pop()
             self._close_choice(s)
