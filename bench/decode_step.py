@@ -82,7 +82,7 @@ def main() -> None:
     compiled = torch.compile(model, dynamic=True)
     verify = compiled_propose_and_verify()
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-          f"{next(model.parameters()).dtype}; model: {describe(model.shape)}")
+          f"{dtype}; model: {describe(model.shape)}")
     print(f"\n{'batch':>5} {'eager':>10} {'compiled':>10} {'graph':>10} {f'graph x{args.decode_steps}':>10}"
           f" {f'spec x{args.decode_steps}':>10}   (us per step; a speculative step feeds {args.speculate + 1} tokens "
           f"per row)")

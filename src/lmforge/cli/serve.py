@@ -92,8 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "tokens per step for far less than K + 1 steps cost on a small model (default 4; 0 = off)")
     p.add_argument("--speculate-max-batch", type=int, default=0, metavar="N",
                    help="speculate only while at most N sequences run: at larger batches the extra tokens per "
-                   "step cost more than they save on a CPU; on a GPU each padded batch size up to N is one more "
-                   "compile at start (default 0 = auto: 2 on a CPU, none on a GPU, where it is not measured yet)")
+                   "step cost more than they save on a CPU; with compile, 1 row and more rows are one compile each "
+                   "at start (default 0 = auto: 2 on a CPU, none on a GPU, where it is not measured yet)")
     p.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
                    help="run the engine in a process of its own, apart from the HTTP server, so that their Python "
                    "does not take turns under one GIL (as vLLM's engine core); auto = on with a GPU, off on a CPU, "

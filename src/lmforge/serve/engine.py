@@ -74,8 +74,8 @@ MAX_DECODE_STEPS = 64  # --decode-steps: more only delays admission and cancella
 MAX_SPECULATE = 16  # --speculate: drafts that long are almost never accepted whole
 # --speculate-max-batch auto on a CPU: there a forward of 5 tokens per row costs 1.5x one of 1 at batch 1, and
 # 2.5x at batch 8, while drafts add about 1.3 tokens per row and step on the demo model (bench/RESULTS.md). On a
-# GPU auto is 0 (no speculation) until a GPU session has measured it: compiling the speculative step for every
-# batch size outlasted the benchmark's start-up on an H200 (bench/RESULTS.md, tenth session)
+# GPU auto is 0 (no speculation) until a GPU session has measured it: the tenth session's attempt ran out of time
+# compiling the speculative step (bench/RESULTS.md)
 CPU_SPECULATE_MAX_BATCH = 2
 
 
@@ -439,8 +439,8 @@ class DecodeGraphs:
     With `speculate` = k > 0, more graphs hold `steps` speculative steps (serve/speculation.py): each feeds every
     row its last token and k drafted ones, and emits 1 to k + 1 greedy tokens per row (`speculative`). A row
     advances by up to steps * (k + 1) positions, which the caller keeps inside the cache. They are captured for
-    the padded batch sizes that cover `speculate_max_batch` rows, the batches the caller speculates at (each
-    padded size is one more version of the compiled step to compile).
+    the padded batch sizes that cover `speculate_max_batch` rows, the batches the caller speculates at (compiled,
+    one row is one version of the step and all larger batches another, given a cache from `sequence_rows`).
 
     `forward` is the model or its torch.compile'd self (the graphs then replay the compiled kernels). Without CUDA
     the same padded step runs eagerly, so that its bookkeeping can be tested on a CPU.
