@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
 import subprocess
 
 import pytest
-
 from conftest import REPO
-from lmforge.cli import build_parser
+
+from lmforge.cli import build_parser, serve
 from lmforge.meter.ledger import Ledger
+from lmforge.serve.metrics import ServeMetrics
 
 README = (REPO / "README.md").read_text()
 
@@ -43,6 +45,20 @@ def test_every_readme_command_parses():
         args, extra = parser.parse_known_args(argv)
         assert not extra, f"README command has unknown arguments {extra}: {command}"
         assert args.verb, command
+
+
+def test_readme_lists_every_serve_flag_and_metric():
+    """The serving section's flag table is `lmforge serve`'s flags, no more and no fewer; its metrics table names
+    every metric the server exports."""
+    section = README[README.index("## Serving"):README.index("## Guard")]
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings if option != "--help"}
+    table = set(re.findall(r"^\| `(--[a-z-]+)", section, flags=re.M))
+    assert table == {flag for flag in flags if flag.startswith("--")}
+    for family in ServeMetrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}" in section, f"README's metrics table lacks {name}"
 
 
 @pytest.mark.slow

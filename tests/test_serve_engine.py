@@ -133,10 +133,10 @@ def test_logprobs_and_echo_match_the_model(engine, checkpoint):
         assert lp.logprob == pytest.approx(float(want[position].max()), abs=1e-4)  # greedy: the top token
 
 
-def test_penalties_change_what_greedy_picks(engine):
+@pytest.mark.parametrize("penalty", ["frequency_penalty", "presence_penalty"])
+def test_penalties_change_what_greedy_picks(engine, penalty):
     plain = engine.generate(PROMPTS[5], greedy(max_tokens=40)).token_ids[0]
-    penalised = engine.generate(PROMPTS[5], greedy(max_tokens=40, frequency_penalty=2.0,
-                                                   presence_penalty=2.0)).token_ids[0]
+    penalised = engine.generate(PROMPTS[5], greedy(max_tokens=40, **{penalty: 2.0})).token_ids[0]
     assert penalised != plain
     assert len(set(penalised)) / len(penalised) > len(set(plain)) / len(plain)
 
@@ -200,15 +200,30 @@ def test_requests_are_accounted_in_the_ledger(checkpoint, tmp_path):
     run_id = ledger.start_run("serve-test", "serve", {}, {}, str(checkpoint))
     engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4), ledger=ledger,
                                     run_id=run_id).start()
+
+    async def start_and_leave():
+        handle = engine.submit(PROMPTS[1], greedy(max_tokens=40, ignore_eos=True))
+        async for event in handle:
+            if isinstance(event, Delta):
+                break
+        handle.cancel()
+
     try:
-        usage = engine.generate(PROMPTS[0], greedy(max_tokens=8, ignore_eos=True)).usage
+        result = engine.generate(PROMPTS[0], greedy(max_tokens=8, ignore_eos=True))
+        asyncio.run(start_and_leave())
+        assert wait_until(lambda: engine.stats()["running"] == 0)
     finally:
-        engine.stop()
+        engine.stop()  # writes the rows still buffered
+    usage = result.usage
     assert usage.completion_tokens == 8 and usage.flops > 0 and usage.device_seconds > 0 and usage.energy_joules > 0
     assert usage.time_to_first_token is not None and not usage.energy_measured  # no RAPL/NVML here: an estimate
-    rows = ledger.get_requests(run_id)
-    assert len(rows) == 1 and rows[0]["completion_tokens"] == 8 and rows[0]["status"] == "completed"
-    assert rows[0]["flops"] == pytest.approx(usage.flops)
+    completed, cancelled = ledger.get_requests(run_id)
+    assert completed["model"] == engine.model_id and completed["status"] == "completed"
+    assert (completed["prompt_tokens"], completed["completion_tokens"]) == (usage.prompt_tokens, 8)
+    assert (completed["flops"], completed["device_seconds"], completed["energy_j"]) == pytest.approx(
+        (usage.flops, usage.device_seconds, usage.energy_joules))
+    assert cancelled["status"] == "cancelled" and 1 <= cancelled["completion_tokens"] < 40
+    assert cancelled["prompt_tokens"] == len(engine.tokenizer.encode(PROMPTS[1])) and cancelled["flops"] > 0
 
 
 def test_kv_cache_budget_sets_the_slots(checkpoint):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ import openai
 import pytest
 import uvicorn
 from conftest import CLI, expect_one_line_error, lmforge_process, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.cli import main
@@ -115,6 +117,18 @@ def assert_error(response: httpx.Response, status: int, pattern: str, param: str
     return error
 
 
+def choices_of(stream, chat: bool) -> tuple[list[str], dict[int, str]]:
+    """The texts and finish reasons of a stream's choices, by index."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + ((choice.delta.content or "") if chat else choice.text)
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    return [texts[i] for i in sorted(texts)], reasons
+
+
 # ---- the happy paths, against the engine called directly ----------------------------------------------------
 
 
@@ -200,9 +214,9 @@ def test_stop_string(client, engine):
     response = client.completions.create(model="tiny", prompt="def delta", max_tokens=20, temperature=0, stop=[stop])
     assert response.choices[0].text == full[: full.index(stop)]
     assert response.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="def delta", max_tokens=20, temperature=0, stop=stop, stream=True))
-    assert streamed == full[: full.index(stop)]
+    streamed = choices_of(client.completions.create(model="tiny", prompt="def delta", max_tokens=20, temperature=0,
+                                                    stop=stop, stream=True), chat=False)
+    assert streamed == ([full[: full.index(stop)]], {0: "stop"})
 
 
 def test_echo_logprobs_for_scoring(client, engine):
@@ -224,8 +238,13 @@ def test_echo_logprobs_for_scoring(client, engine):
 
 def test_generated_logprobs(client, engine):
     response = client.completions.create(model="tiny", prompt="def omega", max_tokens=5, logprobs=2, temperature=0)
+    direct = engine.generate("def omega", SamplingParams(max_tokens=5, logprobs=2, temperature=0)).logprobs[0]
     lp = response.choices[0].logprobs
     assert "".join(lp.tokens) == response.choices[0].text and len(lp.tokens) == 5
+    assert lp.tokens == [t.token for t in direct]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in direct], abs=1e-5)
+    for top, expected in zip(lp.top_logprobs, direct):
+        assert top == pytest.approx({text: logprob for _, text, logprob in expected.top}, abs=1e-5)
     assert all(len(top) == 2 and max(top.values()) >= value for top, value in zip(lp.top_logprobs,
                                                                                   lp.token_logprobs))
     chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
@@ -233,6 +252,69 @@ def test_generated_logprobs(client, engine):
     content = chat.choices[0].logprobs.content
     assert "".join(t.token for t in content) == chat.choices[0].message.content
     assert all(len(t.top_logprobs) == 3 and bytes(t.bytes).decode() == t.token for t in content)
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_plain_response(client, echo):
+    """Streamed, the legacy logprobs come a chunk at a time: text_offset runs on across chunks, and with echo the
+    first chunk carries the prompt and its log-probabilities."""
+    args = dict(model="tiny", prompt="def omega(x):", max_tokens=6, logprobs=2, temperature=0, echo=echo)
+    plain = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == plain.text
+    assert plain.text.startswith("def omega(x):") == echo and len(chunks) > 1
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [item for c in chunks if c.logprobs for item in getattr(c.logprobs, name)]
+        assert streamed == getattr(plain.logprobs, name)
+
+
+def test_streamed_completions_with_n_match_engine(client, engine):
+    texts, reasons = choices_of(client.completions.create(model="tiny", prompt="def beta", max_tokens=6, n=2,
+                                                          temperature=0.9, seed=5, stream=True), chat=False)
+    direct = engine.generate("def beta", SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=5))
+    assert texts == direct.texts and reasons == dict(enumerate(direct.finish_reasons))
+
+
+def test_chat_with_n_and_stop_strings_matches_engine(client, engine):
+    prompt = engine.render_chat(MESSAGES)
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, n=2, temperature=0.9,
+                                              seed=3)
+    direct = engine.generate(prompt, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3,
+                                                    stop_token_ids=engine.chat_stop_token_ids))
+    assert [c.message.content for c in response.choices] == direct.texts
+    assert [c.finish_reason for c in response.choices] == direct.finish_reasons
+
+    full = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)).texts[0]
+    assert len(full) >= 8, full
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    args = dict(model="tiny", messages=MESSAGES, max_tokens=20, temperature=0, stop=stop)
+    plain = client.chat.completions.create(**args, extra_body={"ignore_eos": True}).choices[0]
+    assert plain.message.content == full[: full.index(stop)] and plain.finish_reason == "stop"
+    texts, reasons = choices_of(client.chat.completions.create(**args, stream=True, extra_body={"ignore_eos": True}),
+                                chat=True)
+    assert texts == [full[: full.index(stop)]] and reasons == {0: "stop"}
+
+
+def test_bursts_and_speculation_answer_as_one_step_at_a_time(trained_run, engine):
+    """The tests above serve one token per step; `lmforge serve` decodes bursts of 16 and speculates by default.
+    Over HTTP, plain and streamed, its answers are the one-step engine's."""
+    fast = new_engine(trained_run[0], max_concurrency=4, decode_steps=16, speculate=4)
+    try:
+        with running(create_app(fast)) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+            for prompt in ("def alpha", "def gamma(gamma, beta):", "    return"):
+                direct = engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0)).texts[0]
+                args = dict(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+                assert client.completions.create(**args).choices[0].text == direct
+                assert choices_of(client.completions.create(**args, stream=True), chat=False)[0] == [direct]
+            chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30, temperature=0)
+            direct = engine.generate(engine.render_chat(MESSAGES), SamplingParams(
+                max_tokens=30, temperature=0, stop_token_ids=engine.chat_stop_token_ids))
+            assert chat.choices[0].message.content == direct.texts[0]
+        drafted = fast.metrics.registry.get_sample_value("lmforge_speculated_tokens_total", {"outcome": "drafted"})
+        assert drafted > 0  # it did speculate
+    finally:
+        fast.stop()
 
 
 # ---- bad input: always a 4xx OpenAI error object ------------------------------------------------------------
@@ -324,7 +406,8 @@ def test_model_name_is_never_a_path(http):
     try:
         for route, body in (("/v1/completions", {"prompt": "a"}), ("/v1/chat/completions", {"messages": MESSAGES})):
             response = http.post(route, json={"model": "../../etc/passwd", **body})
-            assert_error(response, 400, "'../../etc/passwd' is not served here", "model")
+            error = assert_error(response, 400, "'../../etc/passwd' is not served here", "model")
+            assert error["code"] == "model_not_found"
     finally:
         watching = False
     assert opened == []
@@ -394,7 +477,8 @@ def test_overload_gets_429_with_retry_after(trained_run):
             first = asyncio.create_task(h.post("/v1/completions", json=body))
             while engine.stats()["running"] == 0:  # it holds the row: now the queue place is the only one left
                 await asyncio.sleep(0.01)
-            rest = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(4)))
+            rest = await asyncio.gather(*(h.post("/v1/completions", json={**body, "stream": True})
+                                          for _ in range(4)))  # a stream's 429 comes before its first chunk
             return [await first, *rest]
 
     with slow_server(trained_run[0], max_concurrency=1, max_queue=1, queue_timeout=0.2) as (engine, base):
@@ -405,7 +489,8 @@ def test_overload_gets_429_with_retry_after(trained_run):
     assert all(r.headers["retry-after"] == "1" for r in refused)
     errors = [assert_error(r, 429, "overloaded|capacity") for r in refused]
     assert all(e["type"] == "rate_limit_error" for e in errors)
-    assert sum("waited" in e["message"] for e in errors) == 1  # timed out in the queue; the rest found it full
+    assert sorted((e["code"], "waited" in e["message"]) for e in errors) == \
+        [("overloaded", False)] * 3 + [("queue_timeout", True)]  # one timed out in the queue; three found it full
 
 
 def test_client_leaving_a_stream_frees_its_slot(trained_run):
@@ -469,8 +554,22 @@ def test_64_simultaneous_streams_equal_each_request_alone(trained_run):
                 await client.close()
                 return results
 
-            together = asyncio.run(all_at_once())
+            peak, done = [0], threading.Event()
+
+            def watch() -> None:  # how many decode together: the requests must overlap, not run in turn
+                while not done.is_set():
+                    peak[0] = max(peak[0], engine.stats()["running"])
+                    time.sleep(0.001)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                together = asyncio.run(all_at_once())
+            finally:
+                done.set()
+                watcher.join()
         assert len(together) == 64 and all(reason in ("stop", "length") for _, reason in together)
+        assert peak[0] >= 32, peak
         assert [text for text, _ in together] == alone
     finally:
         engine.stop()
@@ -480,15 +579,48 @@ def test_metrics_count_every_response(http, engine):
     http.post("/v1/completions", json={"model": "tiny", "prompt": "def", "max_tokens": 1})
     http.post("/v1/completions", content=b"{")
     http.get("/no/such/route")
-    text = http.get("/metrics").text
     assert http.get("/metrics").headers["content-type"].startswith("text/plain")
     count = engine.metrics.registry.get_sample_value
     assert count("lmforge_requests_total", {"route": "/v1/completions", "status": "200"}) >= 1
     assert count("lmforge_requests_total", {"route": "/v1/completions", "status": "400"}) >= 1
     assert count("lmforge_requests_total", {"route": "other", "status": "404"}) >= 1
-    for name in ("lmforge_completion_tokens_total", "lmforge_time_to_first_token_seconds_bucket",
-                 "lmforge_energy_joules_total", "lmforge_sequence_slots"):
-        assert name in text
+
+
+def scraped(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed: {(sample name, sorted labels): value}."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(http.get("/metrics").text) for s in family.samples}
+
+
+def test_metrics_report_tokens_latencies_queue_and_energy(trained_run):
+    """One row: while the first request runs, the second waits (queue depth 1); afterwards /metrics holds the two
+    requests' tokens, one TTFT and one latency each, a gap per later token, and their FLOPs and energy."""
+    body = {"model": "tiny", "prompt": "def alpha", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    with slow_server(trained_run[0], max_concurrency=1, max_queue=4) as (_, base), \
+            httpx.Client(base_url=base, timeout=30) as http, ThreadPoolExecutor(2) as pool:
+        assert scraped(http)[("lmforge_sequence_slots", ())] == 1
+        first = pool.submit(http.post, "/v1/completions", json=body)
+        assert wait_until(lambda: scraped(http)[("lmforge_running_sequences", ())] == 1)
+        second = pool.submit(http.post, "/v1/completions", json={**body, "prompt": "import os"})
+        assert wait_until(lambda: scraped(http)[("lmforge_queue_depth", ())] == 1)
+        usages = [f.result().json()["usage"] for f in (first, second)]
+        assert wait_until(lambda: scraped(http)[("lmforge_running_sequences", ())] == 0)
+        metrics = scraped(http)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics[(name, tuple(sorted(labels.items())))]
+
+    assert value("lmforge_queue_depth") == 0
+    assert value("lmforge_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert value("lmforge_completion_tokens_total") == 60
+    assert value("lmforge_time_to_first_token_seconds_count") == 2
+    assert value("lmforge_request_latency_seconds_count") == 2
+    assert value("lmforge_inter_token_latency_seconds_count") == 58  # every token after a request's first
+    assert value("lmforge_inter_token_latency_seconds_bucket", le="0.01") == 0  # each step sleeps 0.02 s here
+    assert value("lmforge_flops_total") == pytest.approx(sum(u["lmforge"]["flops"] for u in usages))
+    assert value("lmforge_device_seconds_total") > 0
+    assert value("lmforge_energy_joules_total", source="estimate") == pytest.approx(
+        sum(u["lmforge"]["energy_joules"] for u in usages))
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------

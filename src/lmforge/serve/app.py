@@ -283,7 +283,7 @@ async def serve(engine: Engine, request: Request, body: CompletionRequest | Chat
 
 def failed_error(event: Failed, headers: dict[str, str]) -> APIError:
     retry = {"Retry-After": "1"} if event.status == 429 else {}
-    return APIError(event.status, event.message, headers={**headers, **retry})
+    return APIError(event.status, event.message, code=event.code, headers={**headers, **retry})
 
 
 class Listener:
@@ -339,7 +339,8 @@ async def stream(events: Listener, prefilled: Prefilled, formatter: Formatter) -
                     yield sse(formatter.usage_chunk(event))
                 break
             elif isinstance(event, Failed):  # too late for a status code: an error event ends the stream
-                yield sse(error_body(event.message, ERROR_TYPES.get(event.status, "internal_server_error")))
+                yield sse(error_body(event.message, ERROR_TYPES.get(event.status, "internal_server_error"),
+                                     code=event.code))
                 break
         yield "data: [DONE]\n\n"
     finally:

@@ -267,6 +267,7 @@ class Failed:
     """Last event of a request that could not complete (e.g. it waited too long for a row)."""
     status: int
     message: str
+    code: str | None = None  # the OpenAI error object's `code`, where one says more than the status
 
 
 Event = Prefilled | Delta | Finished | Failed
@@ -1002,7 +1003,7 @@ class Engine(RequestChecker):
             if now - request.arrived > self.config.queue_timeout:
                 self.metrics.rejected.labels("queue_timeout").inc()
                 self._fail(request, 429, f"waited {self.config.queue_timeout:g} s for a free slot without "
-                                         f"getting one; the server is overloaded, retry later")
+                                         f"getting one; the server is overloaded, retry later", "queue_timeout")
                 continue
             if kept or request.params.n > free:  # FIFO: nobody overtakes a request that does not fit yet
                 kept.append(request)
@@ -1503,9 +1504,9 @@ class Engine(RequestChecker):
                                         flops=r.flops, device_seconds=r.device_seconds, energy_j=r.energy_j,
                                         status=status))
 
-    def _fail(self, request: Request, status: int, message: str) -> None:
+    def _fail(self, request: Request, status: int, message: str, code: str | None = None) -> None:
         self._record(request, f"failed:{status}")
-        self._send(request, Failed(status, message))
+        self._send(request, Failed(status, message, code))
 
     def _send(self, request: Request, event: Event) -> None:
         self._outbox.append((request, event))
