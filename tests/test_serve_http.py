@@ -361,6 +361,8 @@ def test_bad_completion_requests(http, body, pattern, param):
 
 
 BAD_CHATS = [
+    (b'{"model": "tiny", "messages": [', "not valid JSON", None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}', "not valid UTF-8", None),
     (b'{"model": "tiny"}', "missing required field 'messages'", "messages"),
     (b'{"model": "tiny", "messages": "hi"}', "messages", "messages"),
     (b'{"model": "tiny", "messages": []}', "at least 1 item", "messages"),
@@ -524,8 +526,11 @@ def test_hundreds_of_concurrent_connections(http, url, engine):
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as h:
             return await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(200)))
 
-    statuses = [r.status_code for r in asyncio.run(crowd())]
+    responses = asyncio.run(crowd())
+    statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429} and statuses.count(200) >= engine.slots, sorted(set(statuses))
+    for refused in (r for r in responses if r.status_code == 429):
+        assert assert_error(refused, 429, "at capacity")["code"] == "overloaded" and refused.headers["retry-after"]
     assert http.get("/health").json()["status"] == "ok"
     assert wait_until(lambda: engine.stats() == {"running": 0, "waiting": 0, "slots": engine.slots})
     assert http.post("/v1/completions", json=body).status_code == 200
