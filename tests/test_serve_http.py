@@ -396,12 +396,13 @@ def test_extreme_valid_values_are_served(http, extreme):
 
 
 def test_model_name_is_never_a_path(http):
-    """'../../etc/passwd' is an unknown model like any other: 400, and no file is opened."""
-    opened: list[str] = []
+    """'../../etc/passwd' is an unknown model like any other: 400, and no audited operation (open, listdir,
+    scandir, remove, rename, glob, subprocess, ...) is given the name."""
+    touched: list[str] = []
 
     def audit(event: str, args: tuple) -> None:
-        if event == "open" and watching and "passwd" in str(args[0]):
-            opened.append(str(args[0]))
+        if watching and "passwd" in repr(args):
+            touched.append(f"{event}{args!r}")
 
     watching = True
     sys.addaudithook(audit)  # audit hooks cannot be removed; this one goes quiet when the test ends
@@ -412,7 +413,7 @@ def test_model_name_is_never_a_path(http):
             assert error["code"] == "model_not_found"
     finally:
         watching = False
-    assert opened == []
+    assert touched == []
 
 
 def test_unknown_params_are_ignored_and_named(http):
