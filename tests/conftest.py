@@ -60,6 +60,18 @@ def wait_until(condition, seconds: float = 3.0) -> bool:
     return condition()
 
 
+def slow_down(engine, seconds: float) -> None:
+    """Add `seconds` to each forward pass of a serving engine, so its requests run long enough to be overlapped,
+    queued or interrupted (the tiny model otherwise answers a full context in a fraction of a second)."""
+    forward = engine.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = slow_forward
+
+
 def expect_one_line_error(code: int, err: str, pattern: str, *, only_line: bool = False) -> None:
     """A user error: exit 2, no traceback, and a last line 'error: ...' matching `pattern` (the only line when
     only_line)."""

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import wait_until
+from conftest import slow_down, wait_until
 
 from lmforge.checkpoint import load_model, resolve_checkpoint
 from lmforge.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
@@ -169,6 +169,7 @@ def test_overload_and_queue_timeout(checkpoint):
     try:
         last = list(fresh.events(timeout=10))[-1]
         assert isinstance(last, Failed) and last.status == 429 and "waited" in last.message
+        assert last.code == "queue_timeout"
         assert wait_until(lambda: engine.stats()["waiting"] == 0)
         done = engine.generate(PROMPTS[0], greedy(max_tokens=4))  # the engine still serves after refusing
         assert done.finish_reasons == ["length"]
@@ -198,8 +199,9 @@ def test_a_full_context_ends_with_length(engine):
 def test_requests_are_accounted_in_the_ledger(checkpoint, tmp_path):
     ledger = Ledger(tmp_path / "ledger.db")
     run_id = ledger.start_run("serve-test", "serve", {}, {}, str(checkpoint))
-    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4), ledger=ledger,
-                                    run_id=run_id).start()
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4), ledger=ledger, run_id=run_id)
+    slow_down(engine, 0.01)  # time to cancel the second request before its 40 tokens are done
+    engine.start()
 
     async def start_and_leave():
         handle = engine.submit(PROMPTS[1], greedy(max_tokens=40, ignore_eos=True))

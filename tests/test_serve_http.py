@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import CLI, expect_one_line_error, lmforge_process, wait_until
+from conftest import CLI, expect_one_line_error, lmforge_process, slow_down, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge.checkpoint import resolve_checkpoint
@@ -55,17 +55,10 @@ def running(app) -> Iterator[str]:
 
 
 def new_engine(workspace: Path, delay: float = 0.0, **config) -> Engine:
-    """An engine on the tiny run; `delay` seconds added to each forward pass keep requests running long enough to
-    be interrupted (a full-context request of the tiny model otherwise takes a fraction of a second)."""
+    """An engine on the tiny run, `delay` seconds added to each forward pass (`slow_down`)."""
     engine = Engine.from_checkpoint(resolve_checkpoint("tiny", workspace / "runs"), EngineConfig(**config))
     if delay:
-        forward = engine.model.forward
-
-        def slow_forward(*args, **kwargs):
-            time.sleep(delay)
-            return forward(*args, **kwargs)
-
-        engine.model.forward = slow_forward
+        slow_down(engine, delay)
     return engine.start()
 
 
@@ -544,6 +537,7 @@ def test_64_simultaneous_streams_equal_each_request_alone(trained_run):
     params = SamplingParams(max_tokens=24, temperature=0)
     try:
         alone = [engine.generate(p, params).texts[0] for p in prompts]
+        slow_down(engine, 0.01)  # each stream now lasts 0.24 s or more: they must overlap to pass the peak below
         with running(create_app(engine)) as base:
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
 
@@ -601,7 +595,7 @@ def scraped(http: httpx.Client) -> dict[tuple[str, tuple], float]:
 def test_metrics_report_tokens_latencies_queue_and_energy(trained_run):
     """One row: while the first request runs, the second waits (queue depth 1); afterwards /metrics holds the two
     requests' tokens, one TTFT and one latency each, a gap per later token, and their FLOPs and energy."""
-    body = {"model": "tiny", "prompt": "def alpha", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "def alpha", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
     with slow_server(trained_run[0], max_concurrency=1, max_queue=4) as (_, base), \
             httpx.Client(base_url=base, timeout=30) as http, ThreadPoolExecutor(2) as pool:
         assert scraped(http)[("lmforge_sequence_slots", ())] == 1
@@ -618,10 +612,10 @@ def test_metrics_report_tokens_latencies_queue_and_energy(trained_run):
 
     assert value("lmforge_queue_depth") == 0
     assert value("lmforge_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
-    assert value("lmforge_completion_tokens_total") == 60
+    assert value("lmforge_completion_tokens_total") == 96
     assert value("lmforge_time_to_first_token_seconds_count") == 2
     assert value("lmforge_request_latency_seconds_count") == 2
-    assert value("lmforge_inter_token_latency_seconds_count") == 58  # every token after a request's first
+    assert value("lmforge_inter_token_latency_seconds_count") == 94  # every token after a request's first
     assert value("lmforge_inter_token_latency_seconds_bucket", le="0.01") == 0  # each step sleeps 0.02 s here
     assert value("lmforge_flops_total") == pytest.approx(sum(u["lmforge"]["flops"] for u in usages))
     assert value("lmforge_device_seconds_total") > 0

@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request body accepted; larger gets 413 (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--compile", choices=("on", "off"), default="on",
-                   help="torch.compile the decode step and the prefill: a one-off 10-60 s at start for decode steps "
+                   help="torch.compile the decode step and the prefill: a one-off 10-60 s at start (up to ~90 s "
+                   "the first time, with an empty compile cache) for decode steps "
                    "~2x faster on a CPU and inside the CUDA graphs on a GPU, prefills 1.5-1.9x faster on a CPU "
                    "(default on)")
     p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",

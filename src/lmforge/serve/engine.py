@@ -99,8 +99,8 @@ class EngineConfig:
     kv_cache_mb: float = 0.0  # cap on the pool's memory; 0 = max_concurrency full-context rows
     device: str = "auto"
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the decode step (a one-off ~10-30 s at start; ~2x faster steps on CPU);
-    # with CUDA graphs, the graphs capture the compiled step
+    compile: bool = False  # torch.compile the decode step and the prefill (a one-off 10-60 s at start, up to ~90 s
+    # with an empty compile cache; ~2x faster steps on CPU); with CUDA graphs, the graphs capture the compiled step
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (DecodeGraphs); no effect on a CPU
     decode_steps: int = 1  # greedy tokens decoded per scheduler step, fed back on the device (see Engine._decode)
     speculate: int = 0  # tokens drafted per sequence and step by prompt lookup (serve/speculation.py); 0 = off
@@ -1003,7 +1003,8 @@ class Engine(RequestChecker):
             if now - request.arrived > self.config.queue_timeout:
                 self.metrics.rejected.labels("queue_timeout").inc()
                 self._fail(request, 429, f"waited {self.config.queue_timeout:g} s for a free slot without "
-                                         f"getting one; the server is overloaded, retry later", "queue_timeout")
+                                         f"getting one; the server is overloaded, retry later",
+                           code="queue_timeout")
                 continue
             if kept or request.params.n > free:  # FIFO: nobody overtakes a request that does not fit yet
                 kept.append(request)

@@ -427,7 +427,7 @@ def engine_main(conn, spec: dict[str, Any]) -> None:
             handle = engine.submit(prompt, params, request_id=rid, arrived=arrived)
         except (InvalidRequest, Overloaded, LmforgeError) as e:  # checked by the HTTP side already: rare
             status = 400 if isinstance(e, InvalidRequest) else 429 if isinstance(e, Overloaded) else 503
-            forward([(rid, Failed(status, str(e)))])
+            forward([(rid, Failed(status, str(e), "overloaded" if status == 429 else None))])
             return
         refused = []  # a request the input rail blocked is answered at once, on its handle
         while (event := handle.poll()) is not None:
