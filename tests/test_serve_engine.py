@@ -141,16 +141,18 @@ def test_penalties_change_what_greedy_picks(engine, penalty):
     assert len(set(penalised)) / len(penalised) > len(set(plain)) / len(plain)
 
 
-def test_a_cancelled_request_frees_its_row_within_a_step(engine):
-    async def start_and_leave():
-        handle = engine.submit(PROMPTS[1], greedy(max_tokens=55, ignore_eos=True))
-        async for event in handle:
-            if isinstance(event, Delta):
-                break
-        handle.cancel()
+async def start_and_leave(engine: Engine, prompt: str, max_tokens: int) -> None:
+    """Submit a greedy request and cancel it once its first new text arrives."""
+    handle = engine.submit(prompt, greedy(max_tokens=max_tokens, ignore_eos=True))
+    async for event in handle:
+        if isinstance(event, Delta):
+            break
+    handle.cancel()
 
+
+def test_a_cancelled_request_frees_its_row_within_a_step(engine):
     before = engine.metrics.cancelled._value.get()
-    asyncio.run(start_and_leave())
+    asyncio.run(start_and_leave(engine, PROMPTS[1], max_tokens=55))
     assert wait_until(lambda: engine.stats()["running"] == 0, seconds=2.0)
     assert engine.metrics.cancelled._value.get() == before + 1
 
@@ -202,17 +204,9 @@ def test_requests_are_accounted_in_the_ledger(checkpoint, tmp_path):
     engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_concurrency=4), ledger=ledger, run_id=run_id)
     slow_down(engine, 0.01)  # time to cancel the second request before its 40 tokens are done
     engine.start()
-
-    async def start_and_leave():
-        handle = engine.submit(PROMPTS[1], greedy(max_tokens=40, ignore_eos=True))
-        async for event in handle:
-            if isinstance(event, Delta):
-                break
-        handle.cancel()
-
     try:
         result = engine.generate(PROMPTS[0], greedy(max_tokens=8, ignore_eos=True))
-        asyncio.run(start_and_leave())
+        asyncio.run(start_and_leave(engine, PROMPTS[1], max_tokens=40))
         assert wait_until(lambda: engine.stats()["running"] == 0)
     finally:
         engine.stop()  # writes the rows still buffered
