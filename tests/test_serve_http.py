@@ -663,8 +663,9 @@ def serve_process(workspace: Path, *args: str) -> Iterator[tuple[str, str, dict]
 
 @pytest.mark.parametrize("engine_process", ["off", "on"])
 def test_serve_cli_records_a_ledger_run(trained_run, tmp_path, engine_process):
-    """`lmforge serve` for real: answers, stops on SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run;
-    with the engine in its own process, that process writes the request rows the summary counts."""
+    """`lmforge serve` for real (compiled, bursts, speculation): answers as the plain engine does, stops on
+    SIGTERM (as on Ctrl-C) with exit 0, leaves a completed run; with the engine in its own process, that process
+    writes the request rows the summary counts."""
     workspace = trained_run[0]
     keys = tmp_path / "keys.txt"
     keys.write_text("secret-key\n")
@@ -673,14 +674,19 @@ def test_serve_cli_records_a_ledger_run(trained_run, tmp_path, engine_process):
         assert "context 64, 2 slots, speculating at up to 2 sequences" in line and "energy:" in line
         assert ("engine in process" in line) == (engine_process == "on")
         client = openai.OpenAI(base_url=base, api_key="secret-key", max_retries=0)
-        response = client.completions.create(model="tiny", prompt="def", max_tokens=3, temperature=0)
-        assert response.usage.completion_tokens == 3
+        response = client.completions.create(model="tiny", prompt="def", max_tokens=12, temperature=0)
+        assert response.usage.completion_tokens == 12
     err = ended["stderr"]
     assert ended["returncode"] == 0, err
     assert "served 1 requests" in err
     run = next(r for r in Ledger(workspace / "ledger.db").list_runs() if r["kind"] == "serve")
     assert run["status"] == "completed" and run["name"].startswith("serve-tiny-")
-    assert run["summary"]["requests"] == 1 and run["summary"]["completion_tokens"] == 3
+    assert run["summary"]["requests"] == 1 and run["summary"]["completion_tokens"] == 12
+    engine = new_engine(workspace)  # eager, one token per step, in this process: the same text
+    try:
+        assert response.choices[0].text == engine.generate("def", SamplingParams(max_tokens=12, temperature=0)).texts[0]
+    finally:
+        engine.stop()
     assert run["config"]["max_concurrency"] == 2 and "secret-key" not in json.dumps(run["config"])
     assert run["config"]["speculate"] == 4 and run["config"]["speculate_max_batch"] == 0  # 0: auto
     assert run["config"]["engine_process"] == (engine_process == "on")
